@@ -1,0 +1,234 @@
+"""The ``skinrisk`` command line: one subcommand per pipeline stage, all sharing --params/--set.
+
+Heavy libraries (TensorFlow, Prefect, MLflow) are imported inside the command that needs them,
+so ``skinrisk --help`` and the data commands start quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tasks import paths
+from tasks.errors import SkinriskError
+from tasks.params import Params, load_params
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _params(args: argparse.Namespace) -> Params:
+    return load_params(args.params, args.set)
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from tasks.synth import synthesize_ham10000
+
+    params = _params(args).data
+    out = args.out or paths.SYNTHETIC_DIR
+    metadata = synthesize_ham10000(
+        Path(out),
+        n_images=args.images or params.synthetic_images,
+        seed=params.synthetic_seed if args.seed is None else args.seed,
+        width=args.width or params.synthetic_width,
+        height=args.height or params.synthetic_height,
+    )
+    counts = metadata["dx"].value_counts()
+    print(
+        f"wrote {len(metadata)} synthetic images of {metadata['lesion_id'].nunique()} lesions "
+        f"to {out} (Kaggle layout)"
+    )
+    for dx, count in counts.items():
+        print(f"  {dx:<6}{count:>6}")
+
+
+def cmd_data_import(args: argparse.Namespace) -> None:
+    from tasks.ingest import format_summary, import_dataset
+    from tasks.versioning import track_with_dvc
+
+    summary = import_dataset(Path(args.source), Path(args.raw_dir), force=args.force)
+    print(format_summary(summary))
+    if not args.no_dvc and track_with_dvc(Path(args.raw_dir)):
+        print(f"DVC now tracks {args.raw_dir} (commit {args.raw_dir}.dvc to version this data)")
+
+
+def cmd_data_download(args: argparse.Namespace) -> None:
+    from tasks.download import DATAVERSE_URL, download_ham10000
+
+    dest = download_ham10000(Path(args.dest), base_url=args.base_url or DATAVERSE_URL)
+    print(f"downloaded HAM10000 to {dest}")
+    if not args.no_import:
+        args.source = str(dest)
+        cmd_data_import(args)
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    from tasks.validate import validate_raw
+
+    summary = validate_raw(Path(args.raw_dir), Path(args.reports_dir), _params(args).validate_)
+    print(
+        f"validation passed: {summary.n_images} images of {summary.n_lesions} lesions, "
+        f"{summary.evaluated} expectations; report in {summary.report_markdown}"
+    )
+
+
+def cmd_preprocess(args: argparse.Namespace) -> None:
+    from tasks.preprocess import format_counts, preprocess
+
+    summary = preprocess(
+        Path(args.raw_dir),
+        Path(args.out),
+        _params(args).preprocess,
+        reports_dir=Path(args.reports_dir),
+    )
+    print(
+        f"preprocessed {summary.n_images} images to {args.out} "
+        f"({summary.image_size}x{summary.image_size}, decoded in {summary.seconds_decoding:.1f} s)"
+    )
+    print(format_counts(summary))
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from flows.training import training_pipeline
+
+    training_pipeline(params_file=str(args.params), overrides=list(args.set or []))
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params",
+        default=str(paths.PARAMS_FILE),
+        metavar="FILE",
+        help="parameters file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one parameter for this run; repeatable (e.g. --set train.head_epochs=2)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skinrisk",
+        description="Skin-cancer risk triage (low / moderate / high) from dermoscopic images and "
+        "clinical metadata: data, training, evaluation and MLOps commands.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, handler: Callable, help_text: str, parent=commands
+    ) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, description=help_text)
+        _common(sub)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    data = commands.add_parser("data", help="get data: synthesize, import or download HAM10000")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+
+    synth = add(
+        "synth",
+        cmd_data_synth,
+        "write a synthetic HAM10000-shaped sample (Kaggle layout)",
+        data_commands,
+    )
+    synth.add_argument(
+        "--out", default=None, help=f"output folder (default: {paths.SYNTHETIC_DIR})"
+    )
+    synth.add_argument(
+        "--images", type=int, default=None, help="number of images (default: data.synthetic_images)"
+    )
+    synth.add_argument(
+        "--seed", type=int, default=None, help="random seed (default: data.synthetic_seed)"
+    )
+    synth.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default: 600)"
+    )
+    synth.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: 450)"
+    )
+
+    for name, handler, text in (
+        (
+            "import",
+            cmd_data_import,
+            "import a HAM10000 folder or zip (Kaggle, Dataverse or flat layout) into data/raw",
+        ),
+        (
+            "download",
+            cmd_data_download,
+            "download HAM10000 from Harvard Dataverse (checksummed, resumable), then import it",
+        ),
+    ):
+        sub = add(name, handler, text, data_commands)
+        if name == "import":
+            sub.add_argument(
+                "source", help="folder or .zip holding the metadata table and the images"
+            )
+        else:
+            sub.add_argument(
+                "--dest",
+                default=str(paths.DOWNLOAD_DIR),
+                help="download folder (default: %(default)s)",
+            )
+            sub.add_argument(
+                "--base-url", default=None, help="Dataverse server (default: Harvard Dataverse)"
+            )
+            sub.add_argument("--no-import", action="store_true", help="only download")
+        sub.add_argument(
+            "--raw-dir",
+            default=str(paths.RAW_DIR),
+            help="canonical raw layout (default: %(default)s)",
+        )
+        sub.add_argument("--force", action="store_true", help="replace an existing import")
+        sub.add_argument("--no-dvc", action="store_true", help="do not `dvc add` the imported data")
+
+    validate = add(
+        "validate", cmd_validate, "check the imported metadata and images (Great Expectations)"
+    )
+    validate.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
+    validate.add_argument(
+        "--reports-dir", default=str(paths.REPORTS_DIR), help="default: %(default)s"
+    )
+
+    prep = add(
+        "preprocess",
+        cmd_preprocess,
+        "risk labels, lesion-grouped splits, clinical encoding, decoded images",
+    )
+    prep.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
+    prep.add_argument("--out", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
+    prep.add_argument("--reports-dir", default=str(paths.REPORTS_DIR), help="default: %(default)s")
+
+    add(
+        "pipeline",
+        cmd_pipeline,
+        "the main job: the Prefect training flow on the imported data, or on the synthetic sample when none is imported",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except SkinriskError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The clinical branch's features: age, sex and lesion site, encoded as the model expects.
+
+The encoder is fitted on the training split only and saved as JSON beside the processed data;
+training, evaluation, explanation and serving all load that same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from tasks.atomic import write_json
+from tasks.errors import DataError
+from tasks.schema import AGE_RANGE, LOCALIZATIONS, SEXES
+
+
+def parse_age(value: object, where: str = "age") -> float:
+    """A metadata age cell as a float; blank means unknown (NaN). Raises on anything else."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    text = str(value).strip()
+    if text == "":
+        return math.nan
+    try:
+        age = float(text)
+    except ValueError:
+        raise DataError(
+            f"{where}: age {text!r} is not a number (expected years, e.g. 45)"
+        ) from None
+    low, high = AGE_RANGE
+    if not low <= age <= high:
+        raise DataError(f"{where}: age {age:g} is outside {low:g}-{high:g} years")
+    return age
+
+
+@dataclass(frozen=True)
+class ClinicalEncoder:
+    """Age standardisation (with a missing flag) plus one-hot sex and localization."""
+
+    age_mean: float
+    age_std: float
+    age_fill: float
+    missing_policy: Literal["drop", "impute"]
+    sexes: tuple[str, ...] = SEXES
+    localizations: tuple[str, ...] = LOCALIZATIONS
+
+    @classmethod
+    def fit(cls, train: pd.DataFrame, missing_policy: Literal["drop", "impute"]) -> ClinicalEncoder:
+        """Fit on the training rows (``age`` already parsed to float, NaN when blank)."""
+        ages = train["age"].astype(float).dropna()
+        if ages.empty:
+            raise DataError("no training row has an age: cannot fit the clinical encoder")
+        std = float(ages.std(ddof=0))
+        return cls(
+            age_mean=float(ages.mean()),
+            age_std=std if std > 0 else 1.0,
+            age_fill=float(ages.median()),
+            missing_policy=missing_policy,
+        )
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [
+            "age",
+            "age_missing",
+            *(f"sex={s}" for s in self.sexes),
+            *(f"localization={loc}" for loc in self.localizations),
+        ]
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Rows of ``age`` (float/NaN), ``sex`` and ``localization`` -> float32 features."""
+        unknown_sex = sorted(set(frame["sex"]) - set(self.sexes))
+        if unknown_sex:
+            raise DataError(f"unknown sex value(s) {unknown_sex}; accepted: {list(self.sexes)}")
+        unknown_site = sorted(set(frame["localization"]) - set(self.localizations))
+        if unknown_site:
+            raise DataError(
+                f"unknown localization value(s) {unknown_site}; accepted: {list(self.localizations)}"
+            )
+        age = frame["age"].astype(float).to_numpy()
+        missing = np.isnan(age)
+        if missing.any() and self.missing_policy == "drop":
+            raise DataError(
+                f"{int(missing.sum())} row(s) without an age, and preprocess.missing_clinical is "
+                "'drop': drop them first or set preprocess.missing_clinical=impute"
+            )
+        age = np.where(missing, self.age_fill, age)
+        features = np.zeros((len(frame), self.n_features), dtype=np.float32)
+        features[:, 0] = (age - self.age_mean) / self.age_std
+        features[:, 1] = missing
+        sex_index = {s: 2 + i for i, s in enumerate(self.sexes)}
+        site_index = {s: 2 + len(self.sexes) + i for i, s in enumerate(self.localizations)}
+        rows = np.arange(len(frame))
+        features[rows, frame["sex"].map(sex_index).to_numpy(dtype=int)] = 1.0
+        features[rows, frame["localization"].map(site_index).to_numpy(dtype=int)] = 1.0
+        return features
+
+    def save(self, path: Path) -> None:
+        write_json(path, {**asdict(self), "feature_names": self.feature_names})
+
+    @classmethod
+    def load(cls, path: Path) -> ClinicalEncoder:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"clinical encoder {path} not found: run `skinrisk preprocess` first")
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        payload.pop("feature_names", None)
+        payload["sexes"] = tuple(payload["sexes"])
+        payload["localizations"] = tuple(payload["localizations"])
+        return cls(**payload)

@@ -1,0 +1,101 @@
+"""The training input pipeline: processed arrays -> normalized, augmented ``tf.data`` batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.errors import DataError
+from tasks.params import AugmentParams
+
+
+@dataclass(frozen=True)
+class SplitArrays:
+    """One split of the preprocess output, in memory."""
+
+    images: np.ndarray  # uint8, N x S x S x 3
+    clinical: np.ndarray  # float32, N x F
+    risk: np.ndarray  # int64 index into RISK_LEVELS
+    dx: np.ndarray  # int64 index into DIAGNOSES
+    image_id: np.ndarray  # str
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    def labels(self, target: str) -> np.ndarray:
+        """Class indices for the model's target (``risk`` levels or ``dx`` diagnoses)."""
+        return self.risk if target == "risk" else self.dx
+
+
+def load_split(processed_dir: Path, split: str) -> SplitArrays:
+    """Load ``processed_dir/<split>.npz`` written by the preprocess stage."""
+    path = Path(processed_dir) / f"{split}.npz"
+    if not path.exists():
+        raise DataError(f"{path} not found: run `skinrisk preprocess` first")
+    with np.load(path, allow_pickle=False) as data:
+        arrays = SplitArrays(**{key: data[key] for key in SplitArrays.__dataclass_fields__})
+    if len(arrays) == 0:
+        raise DataError(f"{path} holds no images: the {split} split is empty")
+    return arrays
+
+
+def build_augmenter(params: AugmentParams, seed: int):
+    """Random geometric and photometric changes for training images in [0, 255]."""
+    import keras
+
+    layers: list = []
+    if params.flip:
+        layers.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=seed))
+    if params.rotation:
+        layers.append(
+            keras.layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1)
+        )
+    if params.zoom:
+        layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="reflect", seed=seed + 2))
+    if params.brightness:
+        layers.append(
+            keras.layers.RandomBrightness(params.brightness, value_range=(0, 255), seed=seed + 3)
+        )
+    if params.contrast:
+        layers.append(keras.layers.RandomContrast(params.contrast, seed=seed + 4))
+    return keras.Sequential(layers, name="augment") if layers else None
+
+
+def make_dataset(
+    arrays: SplitArrays,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    training: bool,
+    augment: AugmentParams | None = None,
+    seed: int = 0,
+    sample_weights: np.ndarray | None = None,
+):
+    """Batches of ``({"image": x, "clinical": c}, y[, w])`` with MobileNetV2 normalization.
+
+    Training batches are shuffled (reshuffled each epoch) and augmented; evaluation batches keep
+    the stored order and are never augmented. Augmentation runs batched on the uint8 arrays in
+    memory, in parallel with the model step (prefetch).
+    """
+    import tensorflow as tf
+
+    tensors: tuple = ({"image": arrays.images, "clinical": arrays.clinical}, labels)
+    if sample_weights is not None:
+        tensors = (*tensors, sample_weights.astype(np.float32))
+    dataset = tf.data.Dataset.from_tensor_slices(tensors)
+    if training:
+        dataset = dataset.shuffle(len(arrays), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size, drop_remainder=False)
+    augmenter = build_augmenter(augment, seed) if (training and augment is not None) else None
+
+    def prepare(features, *rest):
+        images = tf.cast(features["image"], tf.float32)
+        if augmenter is not None:
+            images = tf.clip_by_value(augmenter(images, training=True), 0.0, 255.0)
+        images = images / 127.5 - 1.0  # as tasks.images.normalize_for_mobilenet
+        return ({"image": images, "clinical": features["clinical"]}, *rest)
+
+    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    return dataset.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,232 @@
+"""Typed pipeline parameters: ``params.yaml`` is parsed once, here, and validated with clear errors.
+
+Each stage reads only its own section, matching the keys its ``dvc.yaml`` stage declares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from tasks.errors import ParamsError
+from tasks.schema import DIAGNOSES, RISK_LEVELS
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    """The embedded default sample used when no real data has been imported."""
+
+    synthetic_images: int = Field(800, ge=20, description="images in the synthetic sample")
+    synthetic_seed: int = 42
+    synthetic_width: int = Field(600, ge=32)
+    synthetic_height: int = Field(450, ge=32)
+
+
+class ValidateParams(_Section):
+    min_image_side: int = Field(32, ge=1, description="smallest plausible image side, pixels")
+    max_image_side: int = Field(10_000, ge=1, description="largest plausible image side, pixels")
+    max_examples: int = Field(5, ge=1, description="failing rows/files quoted per expectation")
+    workers: int = Field(0, ge=0, description="image-check processes; 0 means one per core")
+
+
+class PreprocessParams(_Section):
+    image_size: int = Field(128, ge=32, le=1024, description="square model input side, pixels")
+    missing_clinical: Literal["drop", "impute"] = "drop"
+    val_fraction: float = Field(0.15, gt=0, lt=0.5)
+    test_fraction: float = Field(0.15, gt=0, lt=0.5)
+    seed: int = 42
+    workers: int = Field(0, ge=0, description="image-decoding processes; 0 means one per core")
+    risk_map: dict[str, list[str]] = Field(
+        default_factory=lambda: {
+            "high": ["mel"],
+            "moderate": ["bcc", "akiec"],
+            "low": ["nv", "bkl", "df", "vasc"],
+        },
+        description="risk level -> diagnoses; every diagnosis in exactly one level",
+    )
+
+    @model_validator(mode="after")
+    def _check_risk_map(self) -> PreprocessParams:
+        levels = set(self.risk_map)
+        if levels != set(RISK_LEVELS):
+            raise ValueError(
+                f"risk_map must have exactly the levels {list(RISK_LEVELS)}, got {sorted(levels)}"
+            )
+        seen: dict[str, str] = {}
+        for level, diagnoses in self.risk_map.items():
+            for dx in diagnoses:
+                if dx not in DIAGNOSES:
+                    raise ValueError(
+                        f"risk_map.{level} names unknown diagnosis {dx!r}; "
+                        f"accepted: {list(DIAGNOSES)}"
+                    )
+                if dx in seen:
+                    raise ValueError(f"diagnosis {dx!r} is in both {seen[dx]!r} and {level!r}")
+                seen[dx] = level
+        missing = [dx for dx in DIAGNOSES if dx not in seen]
+        if missing:
+            raise ValueError(f"risk_map leaves diagnoses without a level: {missing}")
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
+        return self
+
+    def level_of(self) -> dict[str, str]:
+        """Diagnosis -> risk level."""
+        return {dx: level for level, dxs in self.risk_map.items() for dx in dxs}
+
+
+class AugmentParams(_Section):
+    """Training-time augmentation; never applied to validation, test or serving inputs."""
+
+    flip: bool = True
+    rotation: float = Field(0.1, ge=0, le=0.5, description="max rotation, fraction of a full turn")
+    zoom: float = Field(0.1, ge=0, lt=1, description="max zoom in or out, fraction")
+    brightness: float = Field(0.1, ge=0, lt=1, description="max brightness change, fraction")
+    contrast: float = Field(0.1, ge=0, lt=1, description="max contrast change, fraction")
+
+
+class TrainParams(_Section):
+    target: Literal["risk", "dx"] = "risk"
+    weights: str = Field("imagenet", description="imagenet, none, or a path to a weights file")
+    alpha: float = Field(1.0, gt=0, description="MobileNetV2 width multiplier")
+    image_units: int = Field(128, ge=4)
+    clinical_units: int = Field(32, ge=2)
+    fusion_units: int = Field(64, ge=2)
+    dropout: float = Field(0.3, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    head_epochs: int = Field(8, ge=0, description="epochs with the backbone frozen")
+    finetune_epochs: int = Field(4, ge=0, description="epochs with the top blocks trainable")
+    finetune_from_block: int = Field(
+        13, ge=1, le=16, description="first MobileNetV2 block to fine-tune"
+    )
+    learning_rate: float = Field(1e-3, gt=0)
+    finetune_learning_rate: float = Field(1e-4, gt=0)
+    loss: Literal["cross_entropy", "focal"] = "cross_entropy"
+    focal_gamma: float = Field(2.0, ge=0)
+    class_weights: bool = True
+    smote: bool = Field(False, description="oversample the head phase on frozen embeddings")
+    early_stopping_patience: int = Field(3, ge=1)
+    steps_per_epoch: int = Field(0, ge=0, description="0: the whole training split each epoch")
+    seed: int = 42
+    augment: AugmentParams = AugmentParams()
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value: str) -> str:
+        if value not in ("imagenet", "none") and not value.strip():
+            raise ValueError("weights must be 'imagenet', 'none' or a path to a weights file")
+        return value
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    preprocess: PreprocessParams = PreprocessParams()
+    train: TrainParams = TrainParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key`` -> value, as logged to MLflow."""
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value and not prefix.endswith("risk_map"):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                flat[prefix] = value
+
+        walk("", self.model_dump(by_alias=True, mode="json"))
+        return flat
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ParamsError(f"--set {item!r}: expected section.key=value, e.g. preprocess.seed=7")
+    dotted, raw_value = item.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if len(keys) < 2:
+        raise ParamsError(
+            f"--set {item!r}: the key must name a section and a key, e.g. train.epochs"
+        )
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+    return keys, value
+
+
+def _check_known_key(keys: list[str], item: str) -> None:
+    model: type[BaseModel] = Params
+    for depth, key in enumerate(keys):
+        fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+        if key not in fields:
+            where = ".".join(keys[:depth]) or "params"
+            raise ParamsError(
+                f"--set {item!r}: unknown key {'.'.join(keys[: depth + 1])!r}; "
+                f"{where} accepts: {sorted(fields)}"
+            )
+        annotation = fields[key].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return
+        model = annotation
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            parent = error["loc"][:-1]
+            model: type[BaseModel] = Params
+            for part in parent:
+                fields = {(f.alias or n): f for n, f in model.model_fields.items()}
+                model = fields[str(part)].annotation  # type: ignore[assignment]
+            accepted = sorted((f.alias or n) for n, f in model.model_fields.items())
+            message = f"unknown key; accepted keys here: {accepted}"
+        lines.append(f"  {loc}: {message} (got {error.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read ``path``, apply ``section.key=value`` overrides, and validate everything once."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(
+            f"parameters file {path} not found (run from the project root or pass --params)"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _check_known_key(keys, item)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"--set {item!r}: {key!r} is not a section")
+        node[keys[-1]] = value
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        source = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
+        raise ParamsError(_format_validation_error(exc, source)) from None
