@@ -32,9 +32,7 @@ def atomic_path(destination: Path) -> Iterator[Path]:
     """Yield a temporary file path that replaces ``destination`` only if the block succeeds."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent
-    )
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.chmod(_default_mode(directory=False))
@@ -70,9 +68,7 @@ def atomic_directory(destination: Path) -> Iterator[Path]:
     try:
         yield staging
         if destination.exists():
-            retired = Path(
-                tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent)
-            )
+            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old.", dir=destination.parent))
             os.replace(destination, retired / "content")
             os.replace(staging, destination)
             shutil.rmtree(retired, ignore_errors=True)

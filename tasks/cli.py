@@ -40,8 +40,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     )
     counts = metadata["dx"].value_counts()
     print(
-        f"wrote {len(metadata)} synthetic images of {metadata['lesion_id'].nunique()} lesions "
-        f"to {out} (Kaggle layout)"
+        f"wrote {len(metadata)} synthetic images of {metadata['lesion_id'].nunique()} lesions to {out} (Kaggle layout)"
     )
     for dx, count in counts.items():
         print(f"  {dx:<6}{count:>6}")
@@ -93,10 +92,100 @@ def cmd_preprocess(args: argparse.Namespace) -> None:
     print(format_counts(summary))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from tasks.train import train
+
+    params = _params(args)
+    run_id = None
+    if not args.no_tracking:
+        from tasks.runs import start_pipeline_run
+        from tasks.versioning import data_source
+
+        run_id = start_pipeline_run(
+            params,
+            Path(args.raw_dir),
+            Path(args.reports_dir),
+            orchestrator="dvc",
+            source=data_source(Path(args.raw_dir)),
+        )
+    try:
+        result = train(
+            Path(args.processed_dir),
+            Path(args.model_dir),
+            Path(args.reports_dir),
+            params.train,
+            run_id=run_id,
+        )
+    except BaseException:
+        if run_id:
+            from tasks.tracking import end_run
+
+            end_run(run_id, "FAILED")
+        raise
+    print(
+        f"trained {result.epochs_run} epochs in {result.seconds:.0f} s; best validation balanced accuracy "
+        f"{result.best_val_balanced_accuracy:.3f}; model in {result.model_path}"
+        + (f"; MLflow run {run_id}" if run_id else "")
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from tasks.evaluate import evaluate, evaluate_external, format_headline, load_bundle
+
+    params = _params(args).evaluate
+    if args.data:
+        bundle = load_bundle(args.model, Path(args.processed_dir), Path(args.model_dir))
+        out = Path(args.out or "reports/external_metrics.json")
+        metrics = evaluate_external(bundle, Path(args.data), out, params)
+        print(f"scored {metrics['n_images']} images of {args.data}; figures in {out}")
+    else:
+        from tasks.runs import run_id_of
+
+        run_id = None if args.no_tracking else run_id_of(Path(args.model_dir))
+        metrics = evaluate(
+            Path(args.model),
+            Path(args.processed_dir),
+            Path(args.reports_dir),
+            Path(args.model_dir),
+            params,
+            run_id=run_id,
+        )
+        if args.out:
+            from tasks.atomic import write_json
+
+            write_json(Path(args.out), metrics)
+    print(format_headline(metrics))
+
+
+def cmd_register(args: argparse.Namespace) -> None:
+    from tasks.runs import register_pipeline_model, run_id_of
+
+    registration = register_pipeline_model(
+        Path(args.model),
+        Path(args.processed_dir),
+        Path(args.model_dir),
+        Path(args.reports_dir),
+        run_id_of(Path(args.model_dir)),
+    )
+    print(
+        f"registered {registration.name} version {registration.version} as @{registration.alias} ({registration.model_uri})"
+    )
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from flows.training import training_pipeline
+    from tasks.evaluate import format_headline
+    from tasks.tracking import tracking_uri
 
-    training_pipeline(params_file=str(args.params), overrides=list(args.set or []))
+    result = training_pipeline(params_file=str(args.params), overrides=list(args.set or []))
+    import json
+
+    metrics = json.loads((paths.REPORTS_DIR / "metrics.json").read_text())
+    print(f"\nskinrisk pipeline done on the {result['data']} data; MLflow run {result['run_id']}")
+    print(format_headline(metrics))
+    print(f"model registered as {result['model_uri']} (alias @challenger)")
+    print(f"reports: {paths.REPORTS_DIR}/ (metrics.json, confusion_matrix.png, reliability.png, training_curves.png)")
+    print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -123,9 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(
-        name: str, handler: Callable, help_text: str, parent=commands
-    ) -> argparse.ArgumentParser:
+    def add(name: str, handler: Callable, help_text: str, parent=commands) -> argparse.ArgumentParser:
         sub = parent.add_parser(name, help=help_text, description=help_text)
         _common(sub)
         sub.set_defaults(handler=handler)
@@ -140,21 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
         "write a synthetic HAM10000-shaped sample (Kaggle layout)",
         data_commands,
     )
-    synth.add_argument(
-        "--out", default=None, help=f"output folder (default: {paths.SYNTHETIC_DIR})"
-    )
-    synth.add_argument(
-        "--images", type=int, default=None, help="number of images (default: data.synthetic_images)"
-    )
-    synth.add_argument(
-        "--seed", type=int, default=None, help="random seed (default: data.synthetic_seed)"
-    )
-    synth.add_argument(
-        "--width", type=int, default=None, help="image width in pixels (default: 600)"
-    )
-    synth.add_argument(
-        "--height", type=int, default=None, help="image height in pixels (default: 450)"
-    )
+    synth.add_argument("--out", default=None, help=f"output folder (default: {paths.SYNTHETIC_DIR})")
+    synth.add_argument("--images", type=int, default=None, help="number of images (default: data.synthetic_images)")
+    synth.add_argument("--seed", type=int, default=None, help="random seed (default: data.synthetic_seed)")
+    synth.add_argument("--width", type=int, default=None, help="image width in pixels (default: 600)")
+    synth.add_argument("--height", type=int, default=None, help="image height in pixels (default: 450)")
 
     for name, handler, text in (
         (
@@ -170,18 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sub = add(name, handler, text, data_commands)
         if name == "import":
-            sub.add_argument(
-                "source", help="folder or .zip holding the metadata table and the images"
-            )
+            sub.add_argument("source", help="folder or .zip holding the metadata table and the images")
         else:
             sub.add_argument(
                 "--dest",
                 default=str(paths.DOWNLOAD_DIR),
                 help="download folder (default: %(default)s)",
             )
-            sub.add_argument(
-                "--base-url", default=None, help="Dataverse server (default: Harvard Dataverse)"
-            )
+            sub.add_argument("--base-url", default=None, help="Dataverse server (default: Harvard Dataverse)")
             sub.add_argument("--no-import", action="store_true", help="only download")
         sub.add_argument(
             "--raw-dir",
@@ -191,13 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--force", action="store_true", help="replace an existing import")
         sub.add_argument("--no-dvc", action="store_true", help="do not `dvc add` the imported data")
 
-    validate = add(
-        "validate", cmd_validate, "check the imported metadata and images (Great Expectations)"
-    )
+    validate = add("validate", cmd_validate, "check the imported metadata and images (Great Expectations)")
     validate.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
-    validate.add_argument(
-        "--reports-dir", default=str(paths.REPORTS_DIR), help="default: %(default)s"
-    )
+    validate.add_argument("--reports-dir", default=str(paths.REPORTS_DIR), help="default: %(default)s")
 
     prep = add(
         "preprocess",
@@ -207,6 +276,43 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
     prep.add_argument("--out", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
     prep.add_argument("--reports-dir", default=str(paths.REPORTS_DIR), help="default: %(default)s")
+
+    def stage_paths(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
+        sub.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
+        sub.add_argument("--model-dir", default=str(paths.MODELS_DIR), help="default: %(default)s")
+        sub.add_argument("--reports-dir", default=str(paths.REPORTS_DIR), help="default: %(default)s")
+
+    train = add(
+        "train",
+        cmd_train,
+        "train the multimodal model (checkpointed, resumable), tracked in MLflow",
+    )
+    stage_paths(train)
+    train.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+    evaluate = add(
+        "evaluate",
+        cmd_evaluate,
+        "score the test split (default) or any labelled HAM10000-layout dataset (--data) with the same figures",
+    )
+    stage_paths(evaluate)
+    evaluate.add_argument(
+        "--model",
+        default=str(paths.MODELS_DIR / "model.keras"),
+        help="saved model or MLflow URI (models:/skinrisk@champion)",
+    )
+    evaluate.add_argument(
+        "--data",
+        default=None,
+        help="external labelled dataset (folder or zip, any HAM10000 layout)",
+    )
+    evaluate.add_argument("--out", default=None, help="write the figures to this JSON file too")
+    evaluate.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+    register = add("register", cmd_register, "log the model to its MLflow run and register it as @challenger")
+    stage_paths(register)
+    register.add_argument("--model", default=str(paths.MODELS_DIR / "model.keras"), help="default: %(default)s")
 
     add(
         "pipeline",

@@ -30,9 +30,7 @@ def parse_age(value: object, where: str = "age") -> float:
     try:
         age = float(text)
     except ValueError:
-        raise DataError(
-            f"{where}: age {text!r} is not a number (expected years, e.g. 45)"
-        ) from None
+        raise DataError(f"{where}: age {text!r} is not a number (expected years, e.g. 45)") from None
     low, high = AGE_RANGE
     if not low <= age <= high:
         raise DataError(f"{where}: age {age:g} is outside {low:g}-{high:g} years")
@@ -84,9 +82,7 @@ class ClinicalEncoder:
             raise DataError(f"unknown sex value(s) {unknown_sex}; accepted: {list(self.sexes)}")
         unknown_site = sorted(set(frame["localization"]) - set(self.localizations))
         if unknown_site:
-            raise DataError(
-                f"unknown localization value(s) {unknown_site}; accepted: {list(self.localizations)}"
-            )
+            raise DataError(f"unknown localization value(s) {unknown_site}; accepted: {list(self.localizations)}")
         age = frame["age"].astype(float).to_numpy()
         missing = np.isnan(age)
         if missing.any() and self.missing_policy == "drop":

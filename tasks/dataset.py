@@ -49,15 +49,11 @@ def build_augmenter(params: AugmentParams, seed: int):
     if params.flip:
         layers.append(keras.layers.RandomFlip("horizontal_and_vertical", seed=seed))
     if params.rotation:
-        layers.append(
-            keras.layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1)
-        )
+        layers.append(keras.layers.RandomRotation(params.rotation, fill_mode="reflect", seed=seed + 1))
     if params.zoom:
         layers.append(keras.layers.RandomZoom(params.zoom, fill_mode="reflect", seed=seed + 2))
     if params.brightness:
-        layers.append(
-            keras.layers.RandomBrightness(params.brightness, value_range=(0, 255), seed=seed + 3)
-        )
+        layers.append(keras.layers.RandomBrightness(params.brightness, value_range=(0, 255), seed=seed + 3))
     if params.contrast:
         layers.append(keras.layers.RandomContrast(params.contrast, seed=seed + 4))
     return keras.Sequential(layers, name="augment") if layers else None

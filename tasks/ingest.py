@@ -31,6 +31,7 @@ from tqdm import tqdm
 from tasks.atomic import atomic_directory, write_json
 from tasks.errors import DataError
 from tasks.metadata import read_metadata_table, require_columns
+from tasks.params import DataParams
 from tasks.schema import (
     IMAGE_SUFFIXES,
     METADATA_COLUMNS,
@@ -41,6 +42,7 @@ from tasks.schema import (
 )
 
 EXTRA_COLUMNS_FILE = "extra_columns.csv"
+SYNTHETIC_MARKER = "synthetic_truth.csv"  # written beside every synthetic sample
 _METADATA_SUFFIXES = (".csv", ".tab")
 
 
@@ -58,6 +60,7 @@ class ImportSummary:
     converted_to_jpeg: int = 0
     extra_columns: list[str] = field(default_factory=list)
     metadata_sha256: str = ""
+    synthetic: bool = False  # made by `skinrisk data synth`, not real dermoscopy
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,7 @@ def _walk_zip(archive_path: Path) -> Iterator[tuple[str, _ImageEntry]]:
     try:
         archive = zipfile.ZipFile(archive_path)
     except zipfile.BadZipFile as exc:
-        raise DataError(
-            f"{archive_path} is not a valid zip archive ({exc}); re-download it"
-        ) from exc
+        raise DataError(f"{archive_path} is not a valid zip archive ({exc}); re-download it") from exc
     for member in archive.infolist():
         if member.is_dir() or "__MACOSX" in member.filename:
             continue
@@ -109,9 +110,7 @@ def _find_metadata(root: Path) -> Path:
     named = [p for p in candidates if "metadata" in p.name.lower()]
     if len(named) >= 1:
         # Prefer the shallowest, canonically named table (Kaggle ships hmnist_*.csv beside it).
-        return min(
-            named, key=lambda p: (len(p.relative_to(root).parts), p.name != "HAM10000_metadata.csv")
-        )
+        return min(named, key=lambda p: (len(p.relative_to(root).parts), p.name != "HAM10000_metadata.csv"))
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -160,9 +159,7 @@ def _prepare_source(source: Path, scratch: Path) -> Path:
     raise DataError(f"source {source} does not exist")
 
 
-def import_dataset(
-    source: Path, raw_dir: Path, *, force: bool = False, progress: bool = True
-) -> ImportSummary:
+def import_dataset(source: Path, raw_dir: Path, *, force: bool = False, progress: bool = True) -> ImportSummary:
     """Copy a HAM10000 download at ``source`` into the canonical raw layout at ``raw_dir``.
 
     Raises :class:`DataError` (and leaves ``raw_dir`` as it was) when the metadata table is
@@ -172,8 +169,7 @@ def import_dataset(
     source, raw_dir = Path(source), Path(raw_dir)
     if raw_dir.exists() and not force:
         raise DataError(
-            f"{raw_dir} already holds an import (raw data is immutable); "
-            "pass --force to replace it with a new version"
+            f"{raw_dir} already holds an import (raw data is immutable); pass --force to replace it with a new version"
         )
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=raw_dir.parent, prefix=".import-scratch-") as scratch:
@@ -201,9 +197,7 @@ def import_dataset(
         converted = 0
         with atomic_directory(raw_dir) as staging:
             (staging / RAW_IMAGES_DIR).mkdir()
-            for image_id in tqdm(
-                dict.fromkeys(table["image_id"]), desc="import", unit="img", disable=not progress
-            ):
+            for image_id in tqdm(dict.fromkeys(table["image_id"]), desc="import", unit="img", disable=not progress):
                 entry = found[image_id]
                 data, was_converted = _jpeg_bytes(entry.read(), entry.location)
                 converted += was_converted
@@ -211,9 +205,7 @@ def import_dataset(
             metadata = table[list(METADATA_COLUMNS)]
             metadata.to_csv(staging / RAW_METADATA_FILE, index=False)
             if extra_columns:
-                table[["image_id", *extra_columns]].to_csv(
-                    staging / EXTRA_COLUMNS_FILE, index=False
-                )
+                table[["image_id", *extra_columns]].to_csv(staging / EXTRA_COLUMNS_FILE, index=False)
             summary = ImportSummary(
                 source=str(source.resolve()),
                 raw_dir=str(raw_dir),
@@ -224,9 +216,8 @@ def import_dataset(
                 unlisted_images=unlisted,
                 converted_to_jpeg=converted,
                 extra_columns=extra_columns,
-                metadata_sha256=hashlib.sha256(
-                    (staging / RAW_METADATA_FILE).read_bytes()
-                ).hexdigest(),
+                synthetic=any(root.rglob(SYNTHETIC_MARKER)),
+                metadata_sha256=hashlib.sha256((staging / RAW_METADATA_FILE).read_bytes()).hexdigest(),
             )
             write_json(
                 staging / RAW_SOURCE_FILE,
@@ -259,11 +250,33 @@ def format_summary(summary: ImportSummary) -> str:
     for dx, count in summary.dx_counts.items():
         lines.append(f"  {dx:<{width}} {count:>6}  ({count / summary.n_images:6.1%})")
     if summary.unlisted_images:
-        lines.append(
-            f"  ignored {summary.unlisted_images} image file(s) not listed in the metadata"
-        )
+        lines.append(f"  ignored {summary.unlisted_images} image file(s) not listed in the metadata")
     if summary.converted_to_jpeg:
         lines.append(f"  re-encoded {summary.converted_to_jpeg} non-JPEG image(s) as JPEG")
     if summary.extra_columns:
         lines.append(f"  kept extra column(s) {summary.extra_columns} in {EXTRA_COLUMNS_FILE}")
     return "\n".join(lines)
+
+
+def ensure_imported(raw_dir: Path, synthetic_dir: Path, params: DataParams) -> str:
+    """Make sure ``raw_dir`` holds data: the embedded synthetic sample when nothing was imported.
+
+    Returns ``"synthetic"`` or ``"imported"``: what ``raw_dir`` holds now.
+    """
+    from tasks.synth import synthesize_ham10000
+    from tasks.versioning import data_source, track_with_dvc
+
+    raw_dir = Path(raw_dir)
+    if (raw_dir / RAW_METADATA_FILE).exists():
+        return data_source(raw_dir)
+    print(f"no data imported in {raw_dir}: using the synthetic sample ({params.synthetic_images} images)")
+    synthesize_ham10000(
+        Path(synthetic_dir),
+        n_images=params.synthetic_images,
+        seed=params.synthetic_seed,
+        width=params.synthetic_width,
+        height=params.synthetic_height,
+    )
+    print(format_summary(import_dataset(Path(synthetic_dir), raw_dir, force=True, progress=False)))
+    track_with_dvc(raw_dir)
+    return "synthetic"

@@ -23,12 +23,8 @@ def read_metadata_table(path: Path) -> pd.DataFrame:
         raise DataError(f"metadata file {path} does not exist")
     text_head = path.read_text(encoding="utf-8-sig", errors="replace")[:4096]
     if not text_head.strip():
-        raise DataError(
-            f"metadata file {path} is empty: expected a header row {list(METADATA_COLUMNS)}"
-        )
-    separator = (
-        "\t" if path.suffix == ".tab" or text_head.count("\t") > text_head.count(",") else ","
-    )
+        raise DataError(f"metadata file {path} is empty: expected a header row {list(METADATA_COLUMNS)}")
+    separator = "\t" if path.suffix == ".tab" or text_head.count("\t") > text_head.count(",") else ","
     try:
         table = pd.read_csv(
             path,

@@ -25,11 +25,7 @@ def imagenet_weights_file(alpha: float, image_size: int) -> Path:
     """Where Keras keeps (or would download) the no-top ImageNet weights for this shape."""
     rows = image_size if image_size in _IMAGENET_SIZES else 224
     home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
-    return (
-        home
-        / "models"
-        / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
-    )
+    return home / "models" / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}_no_top.h5"
 
 
 def _backbone(image_input, params: TrainParams, image_size: int) -> keras.Model:
@@ -64,9 +60,7 @@ def _backbone(image_input, params: TrainParams, image_size: int) -> keras.Model:
             ) from exc
     path = Path(weights)
     if not path.exists():
-        raise SkinriskError(
-            f"train.weights={weights!r}: no such file; use 'imagenet', 'none' or a weights file path"
-        )
+        raise SkinriskError(f"train.weights={weights!r}: no such file; use 'imagenet', 'none' or a weights file path")
     backbone = keras.applications.MobileNetV2(
         input_tensor=image_input,
         input_shape=shape,
@@ -81,9 +75,7 @@ def _backbone(image_input, params: TrainParams, image_size: int) -> keras.Model:
     return backbone
 
 
-def build_model(
-    image_size: int, n_clinical: int, n_classes: int, params: TrainParams
-) -> keras.Model:
+def build_model(image_size: int, n_clinical: int, n_classes: int, params: TrainParams) -> keras.Model:
     """The fused model: inputs ``image`` (normalized to [-1, 1]) and ``clinical``; softmax out."""
     keras.utils.set_random_seed(params.seed)
     image_input = keras.Input((image_size, image_size, 3), name="image")
@@ -97,9 +89,7 @@ def build_model(
     return keras.Model([image_input, clinical_input], outputs, name="skinrisk")
 
 
-def fusion_head(
-    n_clinical: int, n_classes: int, params: TrainParams, embedding_size: int
-) -> keras.Model:
+def fusion_head(n_clinical: int, n_classes: int, params: TrainParams, embedding_size: int) -> keras.Model:
     """Everything after the pooled image embedding: image dense, clinical branch, fusion.
 
     A model of its own so the head can also be trained on cached embeddings (SMOTE phase).
@@ -109,9 +99,7 @@ def fusion_head(
     x = layers.Dropout(params.dropout, name="image_dropout")(embedding)
     x = layers.Dense(params.image_units, activation="relu", name="image_dense")(x)
     c = layers.Dense(params.clinical_units, activation="relu", name="clinical_dense_1")(clinical)
-    c = layers.Dense(
-        max(2, params.clinical_units // 2), activation="relu", name="clinical_dense_2"
-    )(c)
+    c = layers.Dense(max(2, params.clinical_units // 2), activation="relu", name="clinical_dense_2")(c)
     fused = layers.Concatenate(name="fusion")([x, c])
     fused = layers.Dense(params.fusion_units, activation="relu", name="fusion_dense")(fused)
     fused = layers.Dropout(params.dropout, name="fusion_dropout")(fused)
@@ -136,9 +124,7 @@ def set_finetune(model: keras.Model, from_block: int) -> int:
             continue
         if layer.name.startswith(f"block_{from_block}_"):
             started = True
-        is_backbone = layer.name.startswith(
-            ("block_", "Conv", "expanded_conv", "bn_Conv", "out_relu")
-        )
+        is_backbone = layer.name.startswith(("block_", "Conv", "expanded_conv", "bn_Conv", "out_relu"))
         if not is_backbone:
             continue
         layer.trainable = started and not isinstance(layer, layers.BatchNormalization)
@@ -156,9 +142,7 @@ def sparse_focal_loss(gamma: float, n_classes: int):
     focal = keras.losses.CategoricalFocalCrossentropy(gamma=gamma, alpha=1.0)
 
     def loss(y_true, y_pred):
-        y_true = keras.ops.one_hot(
-            keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), n_classes
-        )
+        y_true = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), n_classes)
         return focal(y_true, y_pred)
 
     return loss

@@ -62,17 +62,12 @@ class PreprocessParams(_Section):
     def _check_risk_map(self) -> PreprocessParams:
         levels = set(self.risk_map)
         if levels != set(RISK_LEVELS):
-            raise ValueError(
-                f"risk_map must have exactly the levels {list(RISK_LEVELS)}, got {sorted(levels)}"
-            )
+            raise ValueError(f"risk_map must have exactly the levels {list(RISK_LEVELS)}, got {sorted(levels)}")
         seen: dict[str, str] = {}
         for level, diagnoses in self.risk_map.items():
             for dx in diagnoses:
                 if dx not in DIAGNOSES:
-                    raise ValueError(
-                        f"risk_map.{level} names unknown diagnosis {dx!r}; "
-                        f"accepted: {list(DIAGNOSES)}"
-                    )
+                    raise ValueError(f"risk_map.{level} names unknown diagnosis {dx!r}; accepted: {list(DIAGNOSES)}")
                 if dx in seen:
                     raise ValueError(f"diagnosis {dx!r} is in both {seen[dx]!r} and {level!r}")
                 seen[dx] = level
@@ -109,9 +104,7 @@ class TrainParams(_Section):
     batch_size: int = Field(32, ge=1)
     head_epochs: int = Field(8, ge=0, description="epochs with the backbone frozen")
     finetune_epochs: int = Field(4, ge=0, description="epochs with the top blocks trainable")
-    finetune_from_block: int = Field(
-        13, ge=1, le=16, description="first MobileNetV2 block to fine-tune"
-    )
+    finetune_from_block: int = Field(13, ge=1, le=16, description="first MobileNetV2 block to fine-tune")
     learning_rate: float = Field(1e-3, gt=0)
     finetune_learning_rate: float = Field(1e-4, gt=0)
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
@@ -131,11 +124,21 @@ class TrainParams(_Section):
         return value
 
 
+class EvaluateParams(_Section):
+    target_recall: float = Field(
+        0.90, gt=0, le=1, description="high-risk recall the triage threshold is chosen for (on val)"
+    )
+    bootstrap_resamples: int = Field(1000, ge=100)
+    calibration_bins: int = Field(15, ge=2)
+    seed: int = 0
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -160,9 +163,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     dotted, raw_value = item.split("=", 1)
     keys = [k for k in dotted.strip().split(".") if k]
     if len(keys) < 2:
-        raise ParamsError(
-            f"--set {item!r}: the key must name a section and a key, e.g. train.epochs"
-        )
+        raise ParamsError(f"--set {item!r}: the key must name a section and a key, e.g. train.epochs")
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError as exc:
@@ -177,8 +178,7 @@ def _check_known_key(keys: list[str], item: str) -> None:
         if key not in fields:
             where = ".".join(keys[:depth]) or "params"
             raise ParamsError(
-                f"--set {item!r}: unknown key {'.'.join(keys[: depth + 1])!r}; "
-                f"{where} accepts: {sorted(fields)}"
+                f"--set {item!r}: unknown key {'.'.join(keys[: depth + 1])!r}; {where} accepts: {sorted(fields)}"
             )
         annotation = fields[key].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -207,9 +207,7 @@ def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = 
     """Read ``path``, apply ``section.key=value`` overrides, and validate everything once."""
     path = Path(path)
     if not path.exists():
-        raise ParamsError(
-            f"parameters file {path} not found (run from the project root or pass --params)"
-        )
+        raise ParamsError(f"parameters file {path} not found (run from the project root or pass --params)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

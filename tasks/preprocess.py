@@ -87,9 +87,7 @@ def split_by_lesion(frame: pd.DataFrame, params: PreprocessParams) -> pd.Series:
         n_splits = max(2, round(1 / fraction))
         n_groups = frame.loc[index, "lesion_id"].nunique()
         if n_groups < n_splits:
-            raise DataError(
-                f"only {n_groups} lesions: too few for a {fraction:.0%} split; import more data"
-            )
+            raise DataError(f"only {n_groups} lesions: too few for a {fraction:.0%} split; import more data")
         folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         position = frame.index.get_indexer(index)
         _, held_out = next(folds.split(position, strata[position], groups[position]))
@@ -123,9 +121,7 @@ def decode_images(paths: list[Path], size: int, workers: int = 0) -> np.ndarray:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         chunks = [[str(p) for p in paths[s : s + chunk]] for s in starts]
-        for start, block in zip(
-            starts, pool.map(_decode_chunk, chunks, [size] * len(chunks)), strict=True
-        ):
+        for start, block in zip(starts, pool.map(_decode_chunk, chunks, [size] * len(chunks)), strict=True):
             out[start : start + len(block)] = block
     return out
 
@@ -160,15 +156,10 @@ def preprocess(
     risk_index = {level: i for i, level in enumerate(RISK_LEVELS)}
     dx_index = {dx: i for i, dx in enumerate(DIAGNOSES)}
     counts = {
-        split: {
-            level: int(((frame["split"] == split) & (frame["risk_level"] == level)).sum())
-            for level in RISK_LEVELS
-        }
+        split: {level: int(((frame["split"] == split) & (frame["risk_level"] == level)).sum()) for level in RISK_LEVELS}
         for split in SPLITS
     }
-    lesions = {
-        split: int(frame.loc[frame["split"] == split, "lesion_id"].nunique()) for split in SPLITS
-    }
+    lesions = {split: int(frame.loc[frame["split"] == split, "lesion_id"].nunique()) for split in SPLITS}
     summary = PreprocessSummary(
         n_images=len(frame),
         n_dropped=n_dropped,
@@ -227,11 +218,7 @@ def read_preprocess_summary(processed_dir: Path) -> dict:
 
 def format_counts(summary: PreprocessSummary) -> str:
     """Images per split and risk level as a console table."""
-    header = (
-        f"{'split':<6}"
-        + "".join(f"{level:>10}" for level in RISK_LEVELS)
-        + f"{'total':>10}{'lesions':>10}"
-    )
+    header = f"{'split':<6}" + "".join(f"{level:>10}" for level in RISK_LEVELS) + f"{'total':>10}{'lesions':>10}"
     lines = [header]
     for split in SPLITS:
         row = summary.counts[split]
@@ -241,7 +228,5 @@ def format_counts(summary: PreprocessSummary) -> str:
             + f"{sum(row.values()):>10}{summary.lesions[split]:>10}"
         )
     if summary.n_dropped:
-        lines.append(
-            f"dropped {summary.n_dropped} image(s) without an age (preprocess.missing_clinical=drop)"
-        )
+        lines.append(f"dropped {summary.n_dropped} image(s) without an age (preprocess.missing_clinical=drop)")
     return "\n".join(lines)

@@ -73,16 +73,12 @@ def git_tags() -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
-def start_run(
-    run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], experiment: str = EXPERIMENT
-) -> str:
+def start_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], experiment: str = EXPERIMENT) -> str:
     """Create a run with its flattened params and tags; returns the run id."""
     from mlflow.entities import Param
 
     mlflow_client = client()
-    run = mlflow_client.create_run(
-        experiment_id(experiment), run_name=run_name, tags={**git_tags(), **tags}
-    )
+    run = mlflow_client.create_run(experiment_id(experiment), run_name=run_name, tags={**git_tags(), **tags})
     entries = [Param(key, str(value)[:6000]) for key, value in params.items()]
     for start in range(0, len(entries), 100):  # MLflow's batch limit
         mlflow_client.log_batch(run.info.run_id, params=entries[start : start + 100])

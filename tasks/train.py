@@ -48,9 +48,7 @@ class TrainResult:
 def class_weights(labels: np.ndarray, n_classes: int) -> dict[int, float]:
     """Balanced weights n / (k * count_c); absent classes get weight 1."""
     counts = np.bincount(labels, minlength=n_classes)
-    return {
-        c: (len(labels) / (n_classes * counts[c]) if counts[c] else 1.0) for c in range(n_classes)
-    }
+    return {c: (len(labels) / (n_classes * counts[c]) if counts[c] else 1.0) for c in range(n_classes)}
 
 
 def _fingerprint(params: TrainParams, processed_dir: Path) -> str:
@@ -129,20 +127,14 @@ def _callbacks(
             probs = full_model.predict(val_inputs, verbose=0)
             labels = val.labels(target)
             picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
-            risk_probs = risk_probabilities(
-                probs, target, summary["diagnoses"], summary["risk_map"]
-            )
+            risk_probs = risk_probabilities(probs, target, summary["diagnoses"], summary["risk_map"])
             predicted = risk_probs.argmax(axis=1)
             logs["val_loss"] = float(-np.log(picked).mean())
             logs["val_accuracy"] = float((probs.argmax(axis=1) == labels).mean())
             logs[MONITOR] = float(balanced_accuracy_score(val.risk, predicted))
             is_high = val.risk == high
-            logs["val_high_risk_recall"] = (
-                float((predicted[is_high] == high).mean()) if is_high.any() else 0.0
-            )
-            logs["learning_rate"] = float(
-                keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-            )
+            logs["val_high_risk_recall"] = float((predicted[is_high] == high).mean()) if is_high.any() else 0.0
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             checkpoints.record({"epoch": epoch + 1, "phase": phase, **logs})
 
     callbacks = [
@@ -153,9 +145,7 @@ def _callbacks(
             patience=params.early_stopping_patience,
             restore_best_weights=True,
         ),
-        keras.callbacks.BackupAndRestore(
-            checkpoints.backup_dir(phase), save_freq="epoch", delete_checkpoint=True
-        ),
+        keras.callbacks.BackupAndRestore(checkpoints.backup_dir(phase), save_freq="epoch", delete_checkpoint=True),
     ]
     if run_id:
         from tasks.tracking import epoch_logger
@@ -177,9 +167,7 @@ def _compile(model, learning_rate: float, params: TrainParams, n_classes: int) -
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
 
 
-def _smote_head_data(
-    model, train: SplitArrays, labels: np.ndarray, params: TrainParams, batch_size: int
-):
+def _smote_head_data(model, train: SplitArrays, labels: np.ndarray, params: TrainParams, batch_size: int):
     """Frozen image embeddings plus clinical features, oversampled with SMOTE."""
     from imblearn.over_sampling import SMOTE
 
@@ -196,9 +184,7 @@ def _smote_head_data(
     features = np.concatenate([embeddings, train.clinical], axis=1)
     smallest = int(np.bincount(labels).min())
     if smallest < 2:
-        raise DataError(
-            "SMOTE needs at least 2 training images of every class; set train.smote=false"
-        )
+        raise DataError("SMOTE needs at least 2 training images of every class; set train.smote=false")
     smote = SMOTE(random_state=params.seed, k_neighbors=min(5, smallest - 1))
     resampled, resampled_labels = smote.fit_resample(features, labels)
     width = embeddings.shape[1]
@@ -231,9 +217,7 @@ def train(
     checkpoints = _Checkpoints(model_dir / "checkpoints", _fingerprint(params, processed_dir))
     resumed_from = int(checkpoints.history()["epoch"].max()) if checkpoints.resuming else 0
     if resumed_from:
-        print(
-            f"resuming training from the checkpoint of epoch {resumed_from} in {checkpoints.root}"
-        )
+        print(f"resuming training from the checkpoint of epoch {resumed_from} in {checkpoints.root}")
 
     keras.utils.set_random_seed(params.seed)
     model = build_model(summary["image_size"], train_split.clinical.shape[1], n_classes, params)
@@ -261,6 +245,7 @@ def train(
             class_weight=cw,
             callbacks=_callbacks(phase=phase, **common),
             verbose=verbose,
+            shuffle=False,  # the dataset reshuffles itself each epoch
         )
         return len(checkpoints.history().query("phase == @phase"))
 
@@ -287,9 +272,7 @@ def train(
         if params.smote:
             head = head_of(model)
             _compile(head, params.learning_rate, params, n_classes)
-            features, smote_labels = _smote_head_data(
-                model, train_split, labels, params, params.batch_size
-            )
+            features, smote_labels = _smote_head_data(model, train_split, labels, params, params.batch_size)
             data = (
                 tf.data.Dataset.from_tensor_slices((features, smote_labels))
                 .shuffle(len(smote_labels), seed=params.seed)

@@ -50,7 +50,14 @@ def data_version(raw_dir: Path) -> str:
     source = raw_dir / RAW_SOURCE_FILE
     if source.exists():
         payload = json.loads(source.read_text(encoding="utf-8"))
-        return (
-            "sha256:" + hashlib.sha256(payload.get("metadata_sha256", "").encode()).hexdigest()[:16]
-        )
+        return "sha256:" + hashlib.sha256(payload.get("metadata_sha256", "").encode()).hexdigest()[:16]
     return "unknown"
+
+
+def data_source(raw_dir: Path) -> str:
+    """``synthetic`` when the import came from the synthetic sample, else ``imported``."""
+    source = Path(raw_dir) / RAW_SOURCE_FILE
+    if not source.exists():
+        return "unknown"
+    payload = json.loads(source.read_text(encoding="utf-8"))
+    return "synthetic" if payload.get("synthetic") else "imported"

@@ -1,0 +1,38 @@
+"""The training flow: validate -> preprocess -> train -> evaluate -> register, tracked in MLflow.
+
+Runs in-process (Prefect's ephemeral API) by default, or against a server when
+``PREFECT_API_URL`` is set. Stages exchange paths and the MLflow run id only.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks import paths
+from tasks import prefect_tasks as t
+
+
+@flow(name="skinrisk-training", log_prints=True)
+def training_pipeline(
+    params_file: str = str(paths.PARAMS_FILE),
+    overrides: list[str] | None = None,
+    raw_dir: str = str(paths.RAW_DIR),
+    processed_dir: str = str(paths.PROCESSED_DIR),
+    model_dir: str = str(paths.MODELS_DIR),
+    reports_dir: str = str(paths.REPORTS_DIR),
+    synthetic_dir: str = str(paths.SYNTHETIC_DIR),
+) -> dict:
+    """Train, evaluate and register a challenger; returns the headline test figures."""
+    overrides = list(overrides or [])
+    source = t.ensure_data(raw_dir, synthetic_dir, params_file, overrides)
+    t.validate(raw_dir, reports_dir, params_file, overrides)
+    t.preprocess(raw_dir, processed_dir, reports_dir, params_file, overrides)
+    run_id = t.start_tracking(raw_dir, reports_dir, params_file, overrides, source)
+    try:
+        model_path = t.train(processed_dir, model_dir, reports_dir, params_file, overrides, run_id)
+        metrics = t.evaluate(model_path, processed_dir, reports_dir, model_dir, params_file, overrides, run_id)
+        model_uri = t.register(model_path, processed_dir, model_dir, reports_dir, run_id)
+    except BaseException:
+        t.finish_tracking(run_id, "FAILED")
+        raise
+    return {"run_id": run_id, "model_uri": model_uri, "data": source, **metrics}

@@ -1,0 +1,314 @@
+"""The evaluate stage: test-split figures, the triage operating point, and external validation.
+
+Metrics are computed once (``tasks.metrics``), written to ``reports/metrics.json`` for DVC and
+logged from that same dict to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.atomic import write_json, write_text
+from tasks.clinical import ClinicalEncoder
+from tasks.dataset import SplitArrays, load_split
+from tasks.errors import SkinriskError
+from tasks.params import EvaluateParams
+from tasks.preprocess import CASES_FILE, ENCODER_FILE, SUMMARY_FILE, read_preprocess_summary
+from tasks.schema import RISK_LEVELS
+
+METRICS_FILE = "metrics.json"
+OPERATING_POINT_FILE = "operating_point.json"
+PREDICTIONS_FILE = "predictions.csv"
+HIGH = RISK_LEVELS.index("high")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """What scoring needs besides the images: the model and the preprocessing it was trained with."""
+
+    model: object  # keras.Model
+    encoder: ClinicalEncoder
+    summary: dict  # preprocess.json
+    operating_point: dict | None  # {"target", "threshold", "target_recall"}
+
+    @property
+    def target(self) -> str:
+        return "risk" if self.model.output_shape[-1] == len(RISK_LEVELS) else "dx"
+
+
+def predict_risk(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Risk-level probabilities (N x 3) for uint8 images and encoded clinical features."""
+    from tasks.images import normalize_for_mobilenet
+    from tasks.metrics import risk_probabilities
+
+    outputs = [
+        bundle.model.predict(
+            {
+                "image": normalize_for_mobilenet(images[s : s + batch_size]),
+                "clinical": clinical[s : s + batch_size],
+            },
+            verbose=0,
+        )
+        for s in range(0, len(images), batch_size)
+    ]
+    probs = np.concatenate(outputs) if outputs else np.zeros((0, bundle.model.output_shape[-1]))
+    return risk_probabilities(probs, bundle.target, bundle.summary["diagnoses"], bundle.summary["risk_map"])
+
+
+def _lesion_groups(processed_dir: Path, split: SplitArrays) -> np.ndarray:
+    cases = pd.read_csv(Path(processed_dir) / CASES_FILE, usecols=["image_id", "lesion_id"])
+    lookup = dict(zip(cases["image_id"], cases["lesion_id"], strict=True))
+    return np.array([lookup[i] for i in split.image_id])
+
+
+def _write_plots(
+    metrics: dict,
+    y_true: np.ndarray,
+    risk_probs: np.ndarray,
+    reports_dir: Path,
+    params: EvaluateParams,
+    history_path: Path | None,
+) -> None:
+    from tasks.metrics import (
+        plot_confusion_matrix,
+        plot_reliability,
+        plot_training_curves,
+        reliability_curve,
+    )
+
+    plot_confusion_matrix(
+        np.array(metrics["confusion_matrix"]),
+        list(RISK_LEVELS),
+        reports_dir / "confusion_matrix.png",
+    )
+    plot_reliability(
+        reliability_curve(y_true, risk_probs, params.calibration_bins),
+        reports_dir / "reliability.png",
+    )
+    if history_path is not None and history_path.exists():
+        plot_training_curves(pd.read_csv(history_path), reports_dir / "training_curves.png")
+
+
+def json_safe(value):
+    """NaN and infinities (undefined figures, e.g. recall of an absent class) become null."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def headline_figures(metrics: dict) -> dict[str, float | None]:
+    """The figures looked at first: argmax quality, calibration, and the triage operating point."""
+    triage = metrics.get("triage") or {}
+    return {
+        "balanced_accuracy": metrics.get("balanced_accuracy"),
+        "macro_f1": metrics.get("macro_f1"),
+        "roc_auc_ovr": metrics.get("roc_auc_ovr"),
+        "ece": metrics.get("ece"),
+        "high_risk_recall": triage.get("high_risk_recall"),
+        "specificity": triage.get("specificity"),
+        "low_risk_spared": triage.get("low_risk_spared"),
+        "threshold": triage.get("threshold"),
+    }
+
+
+def format_headline(metrics: dict) -> str:
+    """:func:`headline_figures` with confidence intervals, for the console."""
+    figures = headline_figures(metrics)
+    intervals = {
+        "balanced_accuracy": metrics.get("balanced_accuracy_ci95"),
+        "high_risk_recall": (metrics.get("triage") or {}).get("high_risk_recall_ci95"),
+    }
+    labels = {
+        "balanced_accuracy": "balanced accuracy",
+        "high_risk_recall": "high-risk recall at the operating point",
+        "specificity": "specificity at the operating point",
+        "low_risk_spared": "low-risk lesions not referred",
+        "threshold": "P(high) threshold (chosen on val)",
+        "macro_f1": "macro F1",
+        "roc_auc_ovr": "ROC-AUC (one-vs-rest)",
+        "ece": "expected calibration error",
+    }
+    lines = []
+    for key, label in labels.items():
+        value = figures.get(key)
+        text = "n/a" if value is None else f"{value:.3f}"
+        ci = intervals.get(key)
+        if ci and None not in ci:
+            text += f"  (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+        lines.append(f"  {label:<42}{text}")
+    return "\n".join(lines)
+
+
+def classification_report_text(metrics: dict) -> str:
+    """The per-class table (precision, recall, F1, support) as plain text."""
+    lines = [f"{'':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for name, row in metrics["per_class"].items():
+        lines.append(f"{name:<10}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}")
+    lines.append(
+        f"\naccuracy {metrics['accuracy']:.3f}   balanced accuracy {metrics['balanced_accuracy']:.3f}   "
+        f"macro F1 {metrics['macro_f1']:.3f}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(
+    model_path: Path,
+    processed_dir: Path,
+    reports_dir: Path,
+    model_dir: Path,
+    params: EvaluateParams,
+    *,
+    run_id: str | None = None,
+) -> dict:
+    """Score the test split, choose the triage threshold on val, write and log every figure."""
+    from tasks.metrics import choose_threshold, classification_figures
+    from tasks.model import load_model
+
+    processed_dir, reports_dir, model_dir = Path(processed_dir), Path(reports_dir), Path(model_dir)
+    bundle = Bundle(
+        model=load_model(Path(model_path)),
+        encoder=ClinicalEncoder.load(processed_dir / ENCODER_FILE),
+        summary=read_preprocess_summary(processed_dir),
+        operating_point=None,
+    )
+    val, test = load_split(processed_dir, "val"), load_split(processed_dir, "test")
+    val_probs = predict_risk(bundle, val.images, val.clinical)
+    if not (val.risk == HIGH).any():
+        raise SkinriskError("the validation split has no high-risk lesion: cannot choose a triage threshold")
+    threshold = choose_threshold(val.risk == HIGH, val_probs[:, HIGH], params.target_recall)
+    operating_point = {
+        "target": bundle.target,
+        "threshold": float(threshold),
+        "target_recall": params.target_recall,
+    }
+
+    test_probs = predict_risk(bundle, test.images, test.clinical)
+    metrics = classification_figures(
+        test.risk,
+        test_probs,
+        list(RISK_LEVELS),
+        groups=_lesion_groups(processed_dir, test),
+        threshold=threshold,
+        high_index=HIGH,
+        n_resamples=params.bootstrap_resamples,
+        seed=params.seed,
+    )
+    metrics = json_safe({**metrics, "n_test_images": len(test), "operating_point": operating_point})
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    write_json(reports_dir / METRICS_FILE, metrics)
+    write_text(reports_dir / "classification_report.txt", classification_report_text(metrics))
+    predictions = pd.DataFrame(
+        {
+            "image_id": test.image_id,
+            "actual": [RISK_LEVELS[i] for i in test.risk],
+            "predicted": [RISK_LEVELS[i] for i in test_probs.argmax(axis=1)],
+            **{f"p_{level}": test_probs[:, i] for i, level in enumerate(RISK_LEVELS)},
+        }
+    )
+    with tempfile.NamedTemporaryFile("w", dir=reports_dir, suffix=".tmp", delete=False) as handle:
+        predictions.to_csv(handle, index=False)
+    os.replace(handle.name, reports_dir / PREDICTIONS_FILE)
+    _write_plots(metrics, test.risk, test_probs, reports_dir, params, reports_dir / "training_history.csv")
+    write_json(model_dir / OPERATING_POINT_FILE, operating_point)
+
+    if run_id:
+        from tasks.tracking import log_artifacts, log_metrics
+
+        log_metrics(run_id, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
+        log_artifacts(
+            run_id,
+            [
+                reports_dir / name
+                for name in (
+                    METRICS_FILE,
+                    "classification_report.txt",
+                    PREDICTIONS_FILE,
+                    "confusion_matrix.png",
+                    "reliability.png",
+                    "training_curves.png",
+                    "training_history.csv",
+                )
+            ],
+            artifact_path="reports",
+        )
+    return metrics
+
+
+def load_bundle(model: str, processed_dir: Path, model_dir: Path) -> Bundle:
+    """A saved model path (with its processed data folder) or an MLflow model URI."""
+    from tasks.model import load_model
+
+    if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
+        import mlflow
+
+        from tasks.tracking import client
+
+        client()  # points mlflow at the configured tracking URI
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+        except Exception as exc:
+            raise SkinriskError(f"cannot fetch MLflow model {model}: {exc}") from exc
+        artifacts = local / "artifacts"
+        return Bundle(
+            model=load_model(next(artifacts.glob("*.keras"))),
+            encoder=ClinicalEncoder.load(artifacts / ENCODER_FILE),
+            summary=json.loads((artifacts / SUMMARY_FILE).read_text()),
+            operating_point=json.loads((artifacts / OPERATING_POINT_FILE).read_text()),
+        )
+    point = Path(model_dir) / OPERATING_POINT_FILE
+    return Bundle(
+        model=load_model(Path(model)),
+        encoder=ClinicalEncoder.load(Path(processed_dir) / ENCODER_FILE),
+        summary=read_preprocess_summary(processed_dir),
+        operating_point=json.loads(point.read_text()) if point.exists() else None,
+    )
+
+
+def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: EvaluateParams) -> dict:
+    """Score a labelled dataset in any HAM10000 layout (e.g. another clinic's) with the same figures.
+
+    The data goes through the import and the model's own preprocessing (its encoder, image size
+    and risk mapping); the triage threshold is the model's, chosen on its validation split.
+    """
+    from tasks.ingest import import_dataset, read_raw_metadata
+    from tasks.metrics import classification_figures
+    from tasks.preprocess import clinical_frame, decode_images
+    from tasks.schema import RAW_METADATA_FILE, raw_image_path
+
+    with tempfile.TemporaryDirectory(prefix="skinrisk-external-") as scratch:
+        raw_dir = Path(scratch) / "raw"
+        import_dataset(Path(source), raw_dir, progress=False)
+        frame = clinical_frame(read_raw_metadata(raw_dir), raw_dir / RAW_METADATA_FILE)
+        level_of = {dx: level for level, dxs in bundle.summary["risk_map"].items() for dx in dxs}
+        if bundle.encoder.missing_policy == "drop":
+            frame = frame.loc[frame["age"].notna()].reset_index(drop=True)
+        images = decode_images([raw_image_path(raw_dir, i) for i in frame["image_id"]], bundle.summary["image_size"])
+    y_true = frame["dx"].map(level_of).map(RISK_LEVELS.index).to_numpy()
+    probs = predict_risk(bundle, images, bundle.encoder.transform(frame))
+    threshold = (bundle.operating_point or {}).get("threshold")
+    metrics = classification_figures(
+        y_true,
+        probs,
+        list(RISK_LEVELS),
+        groups=frame["lesion_id"].to_numpy(),
+        threshold=threshold,
+        high_index=HIGH,
+        n_resamples=params.bootstrap_resamples,
+        seed=params.seed,
+    )
+    metrics = json_safe({**metrics, "n_images": len(frame), "source": str(source)})
+    write_json(Path(out_file), metrics)
+    return metrics

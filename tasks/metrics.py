@@ -1,0 +1,599 @@
+"""Evaluation metrics and plots: pure functions over labels and predicted probabilities.
+
+Everything here takes numpy arrays (``y_true`` as class indices ``0..K-1``, ``probs`` as an
+``N x K`` matrix whose rows sum to 1) and returns plain Python values, so the evaluate stage can
+write one dict to ``reports/metrics.json`` and log that same dict to MLflow. No TensorFlow here.
+
+Undefined figures (a recall with no positives, an interval from resamples that never contain a
+positive) are ``nan``; ``json.dumps`` writes them as ``NaN``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+# Headless rendering: the pipeline runs on servers and in workers without a display.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from tasks.atomic import atomic_path
+from tasks.schema import RISK_LEVELS
+
+PLOT_DPI = 120
+# Rows of a softmax in float32 sum to 1 within ~1e-6; anything further off is not probabilities.
+_ROW_SUM_TOLERANCE = 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _labels(y_true: np.ndarray, n_classes: int | None = None, name: str = "y_true") -> np.ndarray:
+    y = np.asarray(y_true)
+    if y.dtype == bool:
+        y = y.astype(np.int64)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of class indices, got shape {y.shape}")
+    if y.size and not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+        y = y.astype(np.int64)
+    if n_classes is not None and y.size and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"{name} holds class indices outside 0..{n_classes - 1} (min {y.min()}, max {y.max()})")
+    return y.astype(np.int64, copy=False)
+
+
+def _probabilities(probs: np.ndarray) -> np.ndarray:
+    """Check an N x K probability matrix and return it as float64 with rows renormalised."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probs must be an N x K matrix with K >= 2, got shape {p.shape}")
+    if p.shape[0] == 0:
+        raise ValueError("no cases: probs and y_true are empty")
+    if not np.all(np.isfinite(p)) or np.any(p < 0):
+        raise ValueError("probs must be finite and non-negative")
+    sums = p.sum(axis=1)
+    bad = np.flatnonzero(np.abs(sums - 1.0) > _ROW_SUM_TOLERANCE)
+    if bad.size:
+        raise ValueError(
+            f"probs rows must sum to 1; row {bad[0]} sums to {sums[bad[0]]:.6f} "
+            f"({bad.size} rows off). Pass softmax outputs, not logits."
+        )
+    # Renormalise away float32 rounding so downstream checks (sklearn's log_loss) stay quiet.
+    return p / sums[:, None]
+
+
+def _labels_and_probabilities(y_true: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    p = _probabilities(probs)
+    y = _labels(y_true, n_classes=p.shape[1])
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"y_true has {y.shape[0]} labels but probs has {p.shape[0]} rows")
+    return y, p
+
+
+# ---------------------------------------------------------------------------------------------
+# Risk levels
+
+
+def risk_probabilities(
+    probs: np.ndarray,
+    target: str,
+    diagnoses: Sequence[str],
+    risk_map: Mapping[str, Sequence[str]],
+) -> np.ndarray:
+    """Probabilities per risk level (columns in ``RISK_LEVELS`` order).
+
+    ``target="risk"``: the model already predicts risk levels; ``probs`` is returned as is.
+    ``target="dx"``: ``probs`` is N x len(diagnoses) (columns in ``diagnoses`` order) and each
+    risk level's probability is the sum over the diagnoses that ``risk_map`` assigns to it.
+    """
+    p = np.asarray(probs)
+    if target == "risk":
+        if p.ndim != 2 or p.shape[1] != len(RISK_LEVELS):
+            raise ValueError(
+                f"target 'risk' expects N x {len(RISK_LEVELS)} probabilities "
+                f"({', '.join(RISK_LEVELS)}), got shape {p.shape}"
+            )
+        return p
+    if target != "dx":
+        raise ValueError(f"unknown target {target!r}; accepted: 'risk', 'dx'")
+
+    diagnoses = list(diagnoses)
+    if p.ndim != 2 or p.shape[1] != len(diagnoses):
+        raise ValueError(
+            f"target 'dx' expects N x {len(diagnoses)} probabilities (one column per diagnosis "
+            f"{diagnoses}), got shape {p.shape}"
+        )
+    if set(risk_map) != set(RISK_LEVELS):
+        raise ValueError(f"risk_map must have exactly the levels {list(RISK_LEVELS)}, got {sorted(risk_map)}")
+    column = {dx: i for i, dx in enumerate(diagnoses)}
+    seen: dict[str, str] = {}
+    for level in RISK_LEVELS:
+        for dx in risk_map[level]:
+            if dx not in column:
+                raise ValueError(
+                    f"risk_map.{level} names diagnosis {dx!r}, which is not a model output; outputs: {diagnoses}"
+                )
+            if dx in seen:
+                raise ValueError(f"diagnosis {dx!r} is in both {seen[dx]!r} and {level!r}")
+            seen[dx] = level
+    missing = [dx for dx in diagnoses if dx not in seen]
+    if missing:
+        raise ValueError(f"risk_map leaves diagnoses without a level: {missing}")
+
+    # Diagnosis -> level as a 0/1 matrix: one matmul sums each level's diagnoses.
+    assignment = np.zeros((len(diagnoses), len(RISK_LEVELS)), dtype=p.dtype)
+    for j, level in enumerate(RISK_LEVELS):
+        for dx in risk_map[level]:
+            assignment[column[dx], j] = 1
+    return p @ assignment
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+def _confidence_bins(
+    y_true: np.ndarray, probs: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bin edges, each case's bin, its top-label confidence and whether the top label is right."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    y, p = _labels_and_probabilities(y_true, probs)
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Bins are (lower, upper] as in Guo et al. (2017); a confidence of exactly 0 joins bin 0.
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    return edges, index, confidence, correct
+
+
+def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> pd.DataFrame:
+    """Top-label reliability per equal-width confidence bin ``(bin_lower, bin_upper]``.
+
+    One row per bin, empty bins included (``count`` 0, ``mean_confidence`` and ``accuracy`` nan).
+    """
+    edges, index, confidence, correct = _confidence_bins(y_true, probs, n_bins)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / count
+        accuracy = np.bincount(index, weights=correct, minlength=n_bins) / count
+    return pd.DataFrame(
+        {
+            "bin_lower": edges[:-1],
+            "bin_upper": edges[1:],
+            "count": count.astype(np.int64),
+            "mean_confidence": mean_confidence,
+            "accuracy": accuracy,
+        }
+    )
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label expected calibration error (Guo et al., 2017) with equal-width bins.
+
+    ``sum_b |accuracy_b - mean_confidence_b| * n_b / N`` over the non-empty bins.
+    """
+    curve = reliability_curve(y_true, probs, n_bins)
+    filled = curve[curve["count"] > 0]
+    gaps = (filled["accuracy"] - filled["mean_confidence"]).abs()
+    return float((gaps * filled["count"]).sum() / curve["count"].sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Triage operating point
+
+
+def choose_threshold(y_high: np.ndarray, p_high: np.ndarray, target_recall: float) -> float:
+    """The highest threshold ``t`` whose referrals ``p_high >= t`` reach ``target_recall``.
+
+    Picking the highest such ``t`` refers as few lesions as possible, so specificity is as high
+    as the recall target allows. The answer is always one of the positives' scores.
+    """
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    y = np.asarray(y_high)
+    scores = np.asarray(p_high, dtype=np.float64)
+    if y.ndim != 1 or scores.shape != y.shape:
+        raise ValueError(f"y_high and p_high must be 1-D arrays of the same length, got {y.shape} and {scores.shape}")
+    if not np.all(np.isin(y, (0, 1))):
+        raise ValueError("y_high must be binary (1 = high risk, 0 = not)")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("p_high must be finite")
+    positive_scores = np.sort(scores[y.astype(bool)])[::-1]
+    n_positive = positive_scores.size
+    if n_positive == 0:
+        raise ValueError(
+            "cannot choose a threshold: there are no high-risk cases in this split, so recall "
+            "is undefined. Choose the threshold on a split that contains high-risk lesions."
+        )
+    # Need k positives at or above t; the tolerance keeps 2/3 * 3 from becoming 3 positives.
+    needed = max(1, math.ceil(target_recall * n_positive - 1e-9))
+    return float(positive_scores[needed - 1])
+
+
+def triage_figures(
+    y_risk: np.ndarray,
+    p_high: np.ndarray,
+    threshold: float,
+    high_index: int = 2,
+    low_index: int = 0,
+) -> dict[str, float]:
+    """What referring every lesion with ``p_high >= threshold`` would do.
+
+    ``high_risk_recall``: share of high-risk lesions referred (sensitivity);
+    ``specificity``: share of the other lesions not referred; ``referral_rate``: share of all
+    lesions referred; ``low_risk_spared``: share of low-risk lesions not referred (the
+    biopsies avoided). A figure whose group is empty is nan.
+    """
+    y = _labels(y_risk, name="y_risk")
+    scores = np.asarray(p_high, dtype=np.float64)
+    if scores.shape != y.shape:
+        raise ValueError(f"y_risk and p_high must have the same length, got {y.shape} and {scores.shape}")
+    if y.size == 0:
+        raise ValueError("no cases: y_risk and p_high are empty")
+    referred = scores >= threshold
+    high = y == high_index
+    low = y == low_index
+    return {
+        "high_risk_recall": _mean_or_nan(referred[high]),
+        "specificity": _mean_or_nan(~referred[~high]),
+        "referral_rate": float(referred.mean()),
+        "low_risk_spared": _mean_or_nan(~referred[low]),
+        "threshold": float(threshold),
+    }
+
+
+def _mean_or_nan(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Bootstrap
+
+
+def bootstrap_interval(
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    y_true: np.ndarray,
+    y_pred_or_scores: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric(y_true, y_pred_or_scores)``.
+
+    With ``groups`` (lesion ids) whole groups are resampled (cluster bootstrap): images of one
+    lesion are correlated, and resampling them one by one would make the interval too narrow.
+    Resamples where the metric is nan (e.g. no positives drawn) are left out; if all are, the
+    interval is ``(nan, nan)``.
+    """
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    y = np.asarray(y_true)
+    pred = np.asarray(y_pred_or_scores)
+    n = y.shape[0]
+    if n == 0:
+        raise ValueError("no cases to resample")
+    if pred.shape[0] != n:
+        raise ValueError(f"y_true has {n} cases but y_pred_or_scores has {pred.shape[0]}")
+    rng = np.random.default_rng(seed)
+
+    if groups is None:
+        # All draws at once; only the metric calls remain in the loop.
+        draws = rng.integers(0, n, size=(n_resamples, n))
+        samples = (draws[i] for i in range(n_resamples))
+    else:
+        group_ids = np.asarray(groups)
+        if group_ids.shape != (n,):
+            raise ValueError(f"groups must have one id per case ({n}), got {group_ids.shape}")
+        samples = _group_resamples(group_ids, n_resamples, rng)
+
+    statistics = np.array(
+        [metric(y[idx], pred[idx]) for idx in samples],
+        dtype=np.float64,
+    )
+    statistics = statistics[~np.isnan(statistics)]
+    if statistics.size == 0:
+        return (math.nan, math.nan)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(statistics, [alpha, 1.0 - alpha])
+    return (float(low), float(high))
+
+
+def _group_resamples(groups: np.ndarray, n_resamples: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Yield case indices of resamples that draw whole groups with replacement."""
+    _, inverse = np.unique(groups, return_inverse=True)
+    inverse = inverse.ravel()
+    order = np.argsort(inverse, kind="stable")  # cases laid out group by group
+    sizes = np.bincount(inverse)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    draws = rng.integers(0, sizes.size, size=(n_resamples, sizes.size))
+    for drawn in draws:
+        drawn_sizes = sizes[drawn]
+        out_starts = np.cumsum(drawn_sizes) - drawn_sizes
+        # Position j of the output block b maps to starts[drawn[b]] + (j - out_starts[b]).
+        shift = np.repeat(starts[drawn] - out_starts, drawn_sizes)
+        yield order[np.arange(drawn_sizes.sum()) + shift]
+
+
+def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true`` (as sklearn), fast enough to resample."""
+    n_classes = int(max(y_true.max(), y_pred.max())) + 1
+    support = np.bincount(y_true, minlength=n_classes)
+    hits = np.bincount(y_true[y_true == y_pred], minlength=n_classes)
+    present = support > 0
+    return float(np.mean(hits[present] / support[present]))
+
+
+def _class_recall(index: int) -> Callable[[np.ndarray, np.ndarray], float]:
+    """Recall of class ``index`` given predicted class indices or referral booleans."""
+
+    def recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+        positive = y_true == index
+        if not positive.any():
+            return math.nan
+        hit = y_pred[positive]
+        hit = hit if hit.dtype == bool else hit == index
+        return float(hit.mean())
+
+    return recall
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics dict
+
+
+def classification_figures(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    groups: np.ndarray | None = None,
+    threshold: float | None = None,
+    high_index: int = 2,
+    low_index: int = 0,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All evaluation figures as one JSON-serialisable dict (plain floats, ints, lists, dicts).
+
+    Predictions are the argmax of ``probs``. Keys: ``n_cases``, ``accuracy``, ``loss`` (log
+    loss), ``balanced_accuracy`` and its ``balanced_accuracy_ci95`` (cluster bootstrap over
+    ``groups`` when given), ``macro_f1`` (over the classes present in ``y_true`` or the
+    predictions), ``per_class`` (precision, recall, f1, support by class name), ``confusion_matrix``
+    (rows true, columns predicted), ``roc_auc_ovr`` (macro one-vs-rest) and ``roc_auc_per_class``,
+    ``ece``, ``high_risk_recall`` (argmax). A class absent from ``y_true`` (or making up all of
+    it) has no defined AUC and is left out of ``roc_auc_per_class`` and the macro average.
+
+    With ``threshold``, ``triage`` holds :func:`triage_figures` for referring
+    ``probs[:, high_index] >= threshold`` plus ``high_risk_recall_ci95`` at that operating point.
+    """
+    y, p = _labels_and_probabilities(y_true, probs)
+    names = [str(name) for name in class_names]
+    n_classes = p.shape[1]
+    if len(names) != n_classes:
+        raise ValueError(f"{len(names)} class_names for {n_classes} probability columns")
+    for name, index in (("high_index", high_index), ("low_index", low_index)):
+        if not 0 <= index < n_classes:
+            raise ValueError(f"{name} {index} is outside 0..{n_classes - 1}")
+    labels = list(range(n_classes))
+    y_pred = p.argmax(axis=1)
+
+    precision, recall, f1, support = precision_recall_fscore_support(y, y_pred, labels=labels, zero_division=0)
+    present = np.union1d(y, y_pred).tolist()
+    auc_per_class: dict[str, float] = {}
+    for k in labels:
+        positive = y == k
+        if 0 < positive.sum() < positive.size:
+            auc_per_class[names[k]] = float(roc_auc_score(positive, p[:, k]))
+
+    figures: dict[str, Any] = {
+        "n_cases": int(y.size),
+        "accuracy": float(np.mean(y_pred == y)),
+        "loss": float(log_loss(y, p, labels=labels)),
+        "balanced_accuracy": _balanced_accuracy(y, y_pred),
+        "balanced_accuracy_ci95": list(
+            bootstrap_interval(_balanced_accuracy, y, y_pred, n_resamples=n_resamples, seed=seed, groups=groups)
+        ),
+        "macro_f1": float(f1_score(y, y_pred, labels=present, average="macro", zero_division=0)),
+        "per_class": {
+            names[k]: {
+                "precision": float(precision[k]),
+                "recall": float(recall[k]),
+                "f1": float(f1[k]),
+                "support": int(support[k]),
+            }
+            for k in labels
+        },
+        "confusion_matrix": confusion_matrix(y, y_pred, labels=labels).astype(int).tolist(),
+        "roc_auc_ovr": float(np.mean(list(auc_per_class.values()))) if auc_per_class else math.nan,
+        "roc_auc_per_class": auc_per_class,
+        "ece": expected_calibration_error(y, p),
+        "high_risk_recall": _class_recall(high_index)(y, y_pred),
+    }
+    if threshold is not None:
+        p_high = p[:, high_index]
+        triage: dict[str, Any] = dict(triage_figures(y, p_high, threshold, high_index=high_index, low_index=low_index))
+        triage["high_risk_recall_ci95"] = list(
+            bootstrap_interval(
+                _class_recall(high_index),
+                y,
+                p_high >= threshold,
+                n_resamples=n_resamples,
+                seed=seed,
+                groups=groups,
+            )
+        )
+        figures["triage"] = triage
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    try:
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=PLOT_DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+
+
+def plot_confusion_matrix(
+    matrix: np.ndarray | Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    path: Path,
+    *,
+    normalize: bool = True,
+) -> None:
+    """Confusion matrix heatmap (rows true, columns predicted), row-normalised by default.
+
+    Normalised cells show the share of the true class (its recall on the diagonal) and the count.
+    """
+    counts = np.asarray(matrix, dtype=np.float64)
+    names = [str(name) for name in class_names]
+    if counts.ndim != 2 or counts.shape != (len(names), len(names)):
+        raise ValueError(f"matrix must be {len(names)} x {len(names)} for classes {names}, got {counts.shape}")
+    if normalize:
+        row_sums = counts.sum(axis=1, keepdims=True)
+        shown = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
+    else:
+        shown = counts
+
+    side = max(4.0, 0.9 * len(names) + 2.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
+    fig.colorbar(image, ax=ax, label="share of true class" if normalize else "cases")
+    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    ax.set_title("Confusion matrix (rows normalised)" if normalize else "Confusion matrix")
+    middle = (np.nanmax(shown) if shown.size else 0.0) / 2.0
+    for i in range(len(names)):
+        for j in range(len(names)):
+            text = f"{shown[i, j]:.2f}\n({int(counts[i, j])})" if normalize else f"{int(counts[i, j])}"
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if shown[i, j] > middle else "black",
+            )
+    _save(fig, path)
+
+
+def plot_reliability(curve: pd.DataFrame, path: Path) -> None:
+    """Reliability diagram from :func:`reliability_curve`: accuracy against confidence per bin."""
+    required = {"bin_lower", "bin_upper", "count", "mean_confidence", "accuracy"}
+    missing = required - set(curve.columns)
+    if missing:
+        raise ValueError(f"reliability curve lacks columns {sorted(missing)}")
+    filled = curve[curve["count"] > 0]
+    total = curve["count"].sum()
+    ece = (
+        float(((filled["accuracy"] - filled["mean_confidence"]).abs() * filled["count"]).sum()) / total
+        if total
+        else math.nan
+    )
+    width = curve["bin_upper"] - curve["bin_lower"]
+    centres = curve["bin_lower"] + width / 2
+
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.bar(
+        centres,
+        curve["accuracy"].fillna(0.0),
+        width=width,
+        edgecolor="black",
+        alpha=0.7,
+        label="accuracy",
+    )
+    ax.plot(filled["mean_confidence"], filled["accuracy"], "o-", color="C3", label="per bin")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Accuracy of the top label")
+    ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    ax_count.bar(centres, curve["count"], width=width, edgecolor="black", color="C0")
+    ax_count.set_xlabel("Confidence (top-label probability)")
+    ax_count.set_ylabel("Cases")
+    _save(fig, path)
+
+
+def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
+    """Loss and accuracy per epoch, train against validation, with the fine-tuning start marked.
+
+    Uses whichever of ``loss, accuracy, val_loss, val_accuracy, val_balanced_accuracy`` are
+    present. Epochs run on across phases; if ``epoch`` restarts per phase (or is absent) the
+    row order is used instead.
+    """
+    if history.empty:
+        raise ValueError("training history is empty: nothing to plot")
+    history = history.reset_index(drop=True)
+    if "epoch" in history and history["epoch"].is_monotonic_increasing:
+        epoch = history["epoch"].to_numpy(dtype=np.float64)
+        epoch_label = "Epoch"
+    else:
+        epoch = np.arange(1, len(history) + 1, dtype=np.float64)
+        epoch_label = "Epoch (both phases, in order)"
+
+    boundaries: list[tuple[float, str]] = []  # (x, legend label) where a new phase starts
+    if "phase" in history:
+        phase = history["phase"].astype(str).to_numpy()
+        changes = np.flatnonzero(phase[1:] != phase[:-1]) + 1
+        boundaries = [((epoch[i - 1] + epoch[i]) / 2, f"{phase[i]} phase starts") for i in changes]
+
+    panels = (
+        ("Loss", (("loss", "train loss"), ("val_loss", "validation loss"))),
+        (
+            "Accuracy",
+            (
+                ("accuracy", "train accuracy"),
+                ("val_accuracy", "validation accuracy"),
+                ("val_balanced_accuracy", "validation balanced accuracy"),
+            ),
+        ),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        drawn = False
+        for column, label in series:
+            if column in history and history[column].notna().any():
+                style = "--" if column.startswith("val_") else "-"
+                ax.plot(epoch, history[column], style, marker="o", markersize=3, label=label)
+                drawn = True
+        for x, label in boundaries:
+            ax.axvline(x, color="grey", linestyle=":", label=label)
+        if drawn:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title)
+        ax.set_xlabel(epoch_label)
+        ax.set_ylabel(title.lower())
+        ax.grid(alpha=0.3)
+    fig.suptitle("Training curves")
+    _save(fig, path)

@@ -1,0 +1,132 @@
+"""The Prefect tasks: each wraps one stage function, taking paths and run ids, never DataFrames.
+
+Kept apart from the stage modules so that the CLI stages DVC runs do not pay Prefect's import.
+Inputs are hashed by Prefect, so tasks receive the params file and overrides, not parsed
+objects, and parse them themselves. Prefect's result caching is off: DVC is the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks.params import Params, load_params
+
+
+def _params(params_file: str, overrides: list[str]) -> Params:
+    return load_params(params_file, overrides)
+
+
+@task(name="ensure-data", cache_policy=NO_CACHE)
+def ensure_data(raw_dir: str, synthetic_dir: str, params_file: str, overrides: list[str]) -> str:
+    from tasks.ingest import ensure_imported
+
+    return ensure_imported(Path(raw_dir), Path(synthetic_dir), _params(params_file, overrides).data)
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate(raw_dir: str, reports_dir: str, params_file: str, overrides: list[str]) -> str:
+    from tasks.validate import validate_raw
+
+    summary = validate_raw(Path(raw_dir), Path(reports_dir), _params(params_file, overrides).validate_)
+    return str(summary.report_json)
+
+
+@task(name="preprocess", cache_policy=NO_CACHE)
+def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params_file: str, overrides: list[str]) -> str:
+    from tasks.preprocess import format_counts
+    from tasks.preprocess import preprocess as run_preprocess
+
+    summary = run_preprocess(
+        Path(raw_dir),
+        Path(processed_dir),
+        _params(params_file, overrides).preprocess,
+        reports_dir=Path(reports_dir),
+    )
+    print(format_counts(summary))
+    return processed_dir
+
+
+@task(name="start-tracking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def start_tracking(raw_dir: str, reports_dir: str, params_file: str, overrides: list[str], source: str) -> str:
+    from tasks.runs import start_pipeline_run
+
+    return start_pipeline_run(
+        _params(params_file, overrides),
+        Path(raw_dir),
+        Path(reports_dir),
+        orchestrator="prefect",
+        source=source,
+    )
+
+
+@task(name="train", cache_policy=NO_CACHE, retries=1)  # a retry resumes from the last checkpoint
+def train(
+    processed_dir: str,
+    model_dir: str,
+    reports_dir: str,
+    params_file: str,
+    overrides: list[str],
+    run_id: str,
+) -> str:
+    from tasks.train import train as run_train
+
+    result = run_train(
+        Path(processed_dir),
+        Path(model_dir),
+        Path(reports_dir),
+        _params(params_file, overrides).train,
+        run_id=run_id,
+    )
+    return result.model_path
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(
+    model_path: str,
+    processed_dir: str,
+    reports_dir: str,
+    model_dir: str,
+    params_file: str,
+    overrides: list[str],
+    run_id: str,
+) -> dict:
+    from tasks.evaluate import evaluate as run_evaluate
+    from tasks.evaluate import headline_figures
+
+    metrics = run_evaluate(
+        Path(model_path),
+        Path(processed_dir),
+        Path(reports_dir),
+        Path(model_dir),
+        _params(params_file, overrides).evaluate,
+        run_id=run_id,
+    )
+    rows = [{"metric": name, "value": value} for name, value in headline_figures(metrics).items()]
+    create_table_artifact(key="skinrisk-test-metrics", table=rows, description="Test-split figures of this run")
+    return headline_figures(metrics)
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def register(model_path: str, processed_dir: str, model_dir: str, reports_dir: str, run_id: str) -> str:
+    from tasks.runs import register_pipeline_model
+
+    registration = register_pipeline_model(
+        Path(model_path), Path(processed_dir), Path(model_dir), Path(reports_dir), run_id
+    )
+    create_markdown_artifact(
+        key="skinrisk-registration",
+        markdown=f"Registered **{registration.name}** version {registration.version} as "
+        f"`@{registration.alias}` (run `{run_id}`).",
+    )
+    return registration.model_uri
+
+
+@task(name="finish-tracking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def finish_tracking(run_id: str, status: str) -> None:
+    from tasks.tracking import end_run
+
+    end_run(run_id, status)

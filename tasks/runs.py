@@ -1,0 +1,87 @@
+"""One MLflow run per pipeline run, shared by both orchestrators (Prefect and ``dvc repro``).
+
+The run is opened before training (params, tags and the data reports), every later stage logs to
+it by id, and the register stage logs the model and closes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tasks.errors import SkinriskError
+from tasks.params import Params
+
+HEADLINE_METRICS = (
+    "balanced_accuracy",
+    "high_risk_recall",
+    "specificity",
+    "low_risk_spared",
+    "ece",
+    "macro_f1",
+)
+
+
+def start_pipeline_run(params: Params, raw_dir: Path, reports_dir: Path, *, orchestrator: str, source: str) -> str:
+    """Open the run: flattened params, git/DVC/data tags, validation and split reports."""
+    from tasks.tracking import log_artifacts, start_run
+    from tasks.versioning import data_version
+
+    tags = {
+        "data_version": data_version(Path(raw_dir)),
+        "data_source": source,
+        "orchestrator": orchestrator,
+        "target": params.train.target,
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    run_name = os.environ.get("DVC_EXP_NAME") or None
+    run_id = start_run(run_name or f"{orchestrator}-{params.train.target}", params.flat(), tags)
+    reports_dir = Path(reports_dir)
+    log_artifacts(
+        run_id,
+        [
+            reports_dir / "validation.json",
+            reports_dir / "validation.md",
+            reports_dir / "preprocess.json",
+        ],
+        artifact_path="data",
+    )
+    return run_id
+
+
+def run_id_of(model_dir: Path) -> str:
+    """The run id the train stage recorded in ``model_dir/train.json``."""
+    from tasks.train import TRAIN_INFO_FILE
+
+    path = Path(model_dir) / TRAIN_INFO_FILE
+    if not path.exists():
+        raise SkinriskError(f"{path} not found: run `skinrisk train` first")
+    run_id = json.loads(path.read_text(encoding="utf-8")).get("run_id")
+    if not run_id:
+        raise SkinriskError(f"{path} names no MLflow run (the model was trained with --no-tracking)")
+    return run_id
+
+
+def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir: Path, run_id: str):
+    """Log the pyfunc to the run, register it as ``challenger`` and close the run."""
+    from tasks.evaluate import METRICS_FILE, OPERATING_POINT_FILE
+    from tasks.register import register_model
+    from tasks.tracking import end_run
+
+    metrics_path = Path(reports_dir) / METRICS_FILE
+    if not metrics_path.exists():
+        raise SkinriskError(f"{metrics_path} not found: run `skinrisk evaluate` first")
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    registration = register_model(
+        Path(model_path),
+        Path(processed_dir),
+        Path(model_dir) / OPERATING_POINT_FILE,
+        run_id,
+        alias="challenger",
+        metrics={k: metrics[k] for k in HEADLINE_METRICS if isinstance(metrics.get(k), int | float)},
+        out_file=Path(model_dir) / "registered.json",
+    )
+    end_run(run_id)
+    return registration

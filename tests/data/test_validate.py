@@ -1,0 +1,336 @@
+"""The validate stage: a tiny valid raw layout passes, and each kind of bad input fails clearly.
+
+Every failing case asserts three things: the stage refuses, the failure is the expected one (and
+only that one), and the message names what is wrong and where (column, line, image or file).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tasks.errors import DataError
+from tasks.params import ValidateParams
+from tasks.schema import DIAGNOSES, METADATA_COLUMNS, RAW_METADATA_FILE, raw_image_path
+from tasks.validate import ValidationFailed, validate_raw
+
+# The tiny images are 40x30, so the smallest plausible side is lowered; one worker keeps the
+# tests free of process start-up (one test covers the process pool).
+PARAMS = ValidateParams(min_image_side=16, workers=1)
+REAL_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "ham10000-200px"
+
+
+def _rows() -> list[dict[str, str]]:
+    """Twelve rows over all seven diagnoses, two lesions imaged twice, one unknown age."""
+    rows = []
+    for i in range(12):
+        rows.append(
+            {
+                "lesion_id": f"HAM_{i // 2 if i < 4 else i:07d}",
+                "image_id": f"ISIC_{i:07d}",
+                "dx": DIAGNOSES[i % len(DIAGNOSES)],
+                "dx_type": ("histo", "follow_up", "consensus", "confocal")[i % 4],
+                "age": "" if i == 5 else f"{20 + 5 * i}.0",
+                "sex": ("male", "female", "unknown")[i % 3],
+                "localization": ("back", "lower extremity", "face", "unknown")[i % 4],
+            }
+        )
+    return rows
+
+
+def write_metadata(raw_dir: Path, rows: list[dict[str, str]], columns=METADATA_COLUMNS) -> None:
+    with (raw_dir / RAW_METADATA_FILE).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30)) -> None:
+    noise = random.Random(path.name).randbytes(size[0] * size[1] * len(mode))
+    Image.frombytes(mode, size, noise).save(path, format="JPEG", quality=90)
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    """A valid canonical raw layout: metadata.csv plus images/<image_id>.jpg."""
+    raw_dir = tmp_path / "raw"
+    (raw_dir / "images").mkdir(parents=True)
+    rows = _rows()
+    write_metadata(raw_dir, rows)
+    for row in rows:
+        write_image(raw_image_path(raw_dir, row["image_id"]))
+    return raw_dir
+
+
+@pytest.fixture
+def reports(tmp_path: Path) -> Path:
+    return tmp_path / "reports"
+
+
+def fails(raw_dir: Path, reports_dir: Path, params: ValidateParams = PARAMS) -> ValidationFailed:
+    with pytest.raises(ValidationFailed) as caught:
+        validate_raw(raw_dir, reports_dir, params)
+    return caught.value
+
+
+def failed_checks(error: ValidationFailed) -> list[tuple[str, str | None]]:
+    return [(f.target, f.column) for f in error.failures]
+
+
+def image_of(raw_dir: Path, index: int) -> Path:
+    return raw_image_path(raw_dir, f"ISIC_{index:07d}")
+
+
+# ------------------------------------------------------------------------------------ valid data
+
+
+def test_valid_layout_passes_and_writes_both_reports(raw: Path, reports: Path) -> None:
+    summary = validate_raw(raw, reports, PARAMS)
+
+    assert (summary.n_images, summary.n_lesions, summary.failures) == (12, 10, [])
+    assert summary.evaluated >= 15
+    payload = json.loads(summary.report_json.read_text())
+    assert payload["success"] is True
+    assert payload["counts"]["images"] == 12
+    assert all(e["status"] == "passed" for e in payload["expectations"])
+    markdown = summary.report_markdown.read_text()
+    assert markdown.startswith("# Raw data validation: PASSED")
+    assert "| pass | metadata | dx |" in markdown
+
+
+def test_image_checks_run_in_worker_processes(raw: Path, reports: Path) -> None:
+    summary = validate_raw(raw, reports, PARAMS.model_copy(update={"workers": 2}))
+    assert summary.failures == []
+
+
+def test_unlisted_image_file_is_a_warning_not_a_failure(raw: Path, reports: Path) -> None:
+    write_image(raw / "images" / "ISIC_9999999.jpg")
+    summary = validate_raw(raw, reports, PARAMS)
+
+    assert [(w.column, w.examples) for w in summary.warnings] == [
+        ("listed", ["images/ISIC_9999999.jpg: not listed in metadata.csv"])
+    ]
+    assert "## Warning: images, listed" in summary.report_markdown.read_text()
+
+
+# ------------------------------------------------------------------------------------ images
+
+
+def test_corrupt_jpeg_fails(raw: Path, reports: Path) -> None:
+    image_of(raw, 3).write_bytes(random.Random(0).randbytes(2048))
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("images", "decodes")]
+    assert "images/ISIC_0000003.jpg: UnidentifiedImageError" in str(error)
+
+
+def test_truncated_jpeg_fails(raw: Path, reports: Path) -> None:
+    path = image_of(raw, 4)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("images", "decodes")]
+    assert "images/ISIC_0000004.jpg" in str(error)
+    assert "truncated" in str(error)
+
+
+def test_greyscale_image_fails(raw: Path, reports: Path) -> None:
+    write_image(image_of(raw, 6), mode="L")
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("images", "mode")]
+    assert "images/ISIC_0000006.jpg: mode L (1 channel(s)), expected RGB" in str(error)
+
+
+def test_missing_image_fails(raw: Path, reports: Path) -> None:
+    image_of(raw, 7).unlink()
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("images", "exists")]
+    assert "images/ISIC_0000007.jpg: file not found" in str(error)
+
+
+def test_too_small_image_fails(raw: Path, reports: Path) -> None:
+    error = fails(raw, reports, PARAMS.model_copy(update={"min_image_side": 32}))
+
+    assert failed_checks(error) == [("images", "height")]
+    assert "height is between 32 and 10000 pixels" in str(error)
+    assert "images/ISIC_0000000.jpg: 40x30 pixels" in str(error)
+
+
+# ------------------------------------------------------------------------------------ metadata
+
+
+def test_missing_column_fails_and_names_it(raw: Path, reports: Path) -> None:
+    write_metadata(raw, _rows(), columns=[c for c in METADATA_COLUMNS if c != "sex"])
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("metadata", None)]
+    assert "missing column 'sex'" in str(error)
+    payload = json.loads((reports / "validation.json").read_text())
+    skipped = [e for e in payload["expectations"] if e["status"] == "skipped"]
+    assert [e["column"] for e in skipped] == ["sex"]
+
+
+def test_renamed_column_fails_naming_missing_and_unexpected(raw: Path, reports: Path) -> None:
+    rows = [{**row, "diagnosis": row["dx"]} for row in _rows()]
+    columns = [("diagnosis" if c == "dx" else c) for c in METADATA_COLUMNS]
+    write_metadata(raw, rows, columns=columns)
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("metadata", None)]
+    assert "missing column 'dx'" in str(error)
+    assert "unexpected column 'diagnosis'" in str(error)
+
+
+def test_unknown_diagnosis_fails(raw: Path, reports: Path) -> None:
+    rows = _rows()
+    rows[4]["dx"] = "xyz"
+    write_metadata(raw, rows)
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("metadata", "dx")]
+    # Row 4 of the data is line 6 of the file (the header is line 1).
+    assert "line 6 (image_id ISIC_0000004): dx='xyz'" in str(error)
+
+
+def test_age_that_is_not_a_number_fails(raw: Path, reports: Path) -> None:
+    rows = _rows()
+    rows[2]["age"] = "forty"
+    write_metadata(raw, rows)
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("metadata", "age")]
+    assert error.failures[0].description == "age is blank or a number of years"
+    assert "line 4 (image_id ISIC_0000002): age='forty'" in str(error)
+
+
+def test_age_out_of_range_fails(raw: Path, reports: Path) -> None:
+    rows = _rows()
+    rows[9]["age"] = "130"
+    write_metadata(raw, rows)
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("metadata", "age")]
+    assert "age is between 0 and 100 years" in str(error)
+    assert "line 11 (image_id ISIC_0000009): age='130'" in str(error)
+
+
+def test_duplicate_image_id_fails(raw: Path, reports: Path) -> None:
+    rows = _rows()
+    rows[8]["image_id"] = rows[1]["image_id"]
+    write_metadata(raw, rows)
+    image_of(raw, 8).unlink()  # the layout stays consistent apart from the duplicate
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("metadata", "image_id")]
+    assert "image_id is unique" in str(error)
+    assert "line 3 (image_id ISIC_0000001): image_id='ISIC_0000001', also on line 10" in str(error)
+
+
+# ------------------------------------------------------------------------------------ unreadable
+
+
+def test_empty_metadata_file_fails(raw: Path, reports: Path) -> None:
+    (raw / RAW_METADATA_FILE).write_bytes(b"")
+    with pytest.raises(DataError, match=r"metadata\.csv is empty"):
+        validate_raw(raw, reports, PARAMS)
+
+
+def test_header_only_metadata_fails(raw: Path, reports: Path) -> None:
+    write_metadata(raw, [])
+    with pytest.raises(DataError, match=r"metadata\.csv has a header but no rows"):
+        validate_raw(raw, reports, PARAMS)
+    payload = json.loads((reports / "validation.json").read_text())
+    assert payload["success"] is False
+    assert "no rows" in payload["error"]
+
+
+def test_missing_raw_dir_fails_with_what_to_do(tmp_path: Path, reports: Path) -> None:
+    with pytest.raises(DataError, match=r"does not exist: run `skinrisk data import SOURCE`"):
+        validate_raw(tmp_path / "nowhere", reports, PARAMS)
+
+
+def test_missing_metadata_file_fails_with_what_to_do(raw: Path, reports: Path) -> None:
+    (raw / RAW_METADATA_FILE).unlink()
+    with pytest.raises(DataError, match=r"metadata\.csv does not exist: run `skinrisk data"):
+        validate_raw(raw, reports, PARAMS)
+
+
+# ------------------------------------------------------------------------------------ reports
+
+
+def test_reports_are_written_on_failure(raw: Path, reports: Path) -> None:
+    rows = _rows()
+    rows[0]["dx"] = "xyz"
+    write_metadata(raw, rows)
+    error = fails(raw, reports)
+
+    assert f"reports: {reports / 'validation.md'} and {reports / 'validation.json'}" in str(error)
+    payload = json.loads((reports / "validation.json").read_text())
+    assert payload["success"] is False
+    (failed,) = [e for e in payload["expectations"] if e["status"] == "failed"]
+    assert (failed["column"], failed["unexpected_count"]) == ("dx", 1)
+    assert failed["examples"] == ["line 2 (image_id ISIC_0000000): dx='xyz'"]
+    markdown = (reports / "validation.md").read_text()
+    assert markdown.startswith("# Raw data validation: FAILED")
+    assert "| **FAIL** | metadata | dx |" in markdown
+    assert "- line 2 (image_id ISIC_0000000): dx='xyz'" in markdown
+
+
+def test_a_good_report_is_replaced_only_as_a_whole(raw: Path, reports: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    validate_raw(raw, reports, PARAMS)
+    before = {p.name: p.read_bytes() for p in reports.iterdir()}
+    image_of(raw, 0).unlink()
+
+    # A crash half-way through writing (disk full) leaves the previous reports intact...
+    original_write_text = Path.write_text
+
+    def write_half_then_fail(self: Path, data: str, *args, **kwargs) -> int:
+        original_write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", write_half_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            validate_raw(raw, reports, PARAMS)
+    assert {p.name: p.read_bytes() for p in reports.iterdir()} == before  # no temp files either
+
+    # ...and a completed run replaces them with the new verdict.
+    fails(raw, reports)
+    assert sorted(p.name for p in reports.iterdir()) == ["validation.json", "validation.md"]
+    assert json.loads((reports / "validation.json").read_text())["success"] is False
+
+
+# ------------------------------------------------------------------------------------ real data
+
+
+@pytest.mark.real_data
+def test_real_ham10000_copy_passes(tmp_path: Path) -> None:
+    if not (REAL_DATA / "HAM10000_metadata.csv").is_file():
+        pytest.skip(f"real HAM10000 copy not found at {REAL_DATA.resolve()}")
+    raw_dir = tmp_path / "raw"
+    (raw_dir / "images").mkdir(parents=True)
+    (raw_dir / RAW_METADATA_FILE).symlink_to(REAL_DATA / "HAM10000_metadata.csv")
+    for part in ("HAM10000_images_part_1", "HAM10000_images_part_2"):
+        for entry in os.scandir(REAL_DATA / part):
+            (raw_dir / "images" / entry.name).symlink_to(entry.path)
+
+    started = time.perf_counter()
+    summary = validate_raw(raw_dir, tmp_path / "reports", ValidateParams())
+    elapsed = time.perf_counter() - started
+
+    print(f"validated {summary.n_images} real images in {elapsed:.1f} s")
+    with (REAL_DATA / "HAM10000_metadata.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert summary.n_images == len(rows)
+    assert summary.n_lesions == len({row["lesion_id"] for row in rows})
+    assert summary.failures == [] and summary.warnings == []
