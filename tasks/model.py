@@ -42,6 +42,8 @@ def _backbone(image_input, params: TrainParams, image_size: int) -> keras.Model:
         )
     if weights == "imagenet":
         cached = imagenet_weights_file(params.alpha, image_size)
+        if cached.exists():  # read KERAS_HOME now: Keras itself reads it only once, at import
+            return _load_backbone_weights(image_input, shape, params.alpha, cached)
         try:
             return keras.applications.MobileNetV2(
                 input_tensor=image_input,
@@ -61,15 +63,15 @@ def _backbone(image_input, params: TrainParams, image_size: int) -> keras.Model:
     path = Path(weights)
     if not path.exists():
         raise SkinriskError(f"train.weights={weights!r}: no such file; use 'imagenet', 'none' or a weights file path")
+    return _load_backbone_weights(image_input, shape, params.alpha, path)
+
+
+def _load_backbone_weights(image_input, shape: tuple[int, int, int], alpha: float, path: Path) -> keras.Model:
     backbone = keras.applications.MobileNetV2(
-        input_tensor=image_input,
-        input_shape=shape,
-        include_top=False,
-        weights=None,
-        alpha=params.alpha,
+        input_tensor=image_input, input_shape=shape, include_top=False, weights=None, alpha=alpha
     )
     try:
-        backbone.load_weights(str(path), skip_mismatch=False)
+        backbone.load_weights(str(path))
     except Exception as exc:
         raise SkinriskError(f"cannot load backbone weights from {path}: {exc}") from exc
     return backbone

@@ -17,19 +17,24 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from tasks.atomic import atomic_directory
 from tasks.errors import SkinriskError
 from tasks.schema import DIAGNOSES, METADATA_COLUMNS, PUBLISHED_DX_COUNTS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+Key = TypeVar("Key")
 
 METADATA_FILE = "HAM10000_metadata.csv"
 IMAGES_PART_1 = "HAM10000_images_part_1"
@@ -134,8 +139,8 @@ class _DxLook:
 _DX_LOOKS: dict[str, _DxLook] = {
     "nv": _DxLook((150, 92, 70), (100, 58, 42), 0.20, 0.04, 0.10, 0.25, 0.05, "network", 0.55),
     "mel": _DxLook((98, 62, 62), (70, 80, 110), 0.29, 0.16, 0.06, 0.40, 0.30, "blotches", 0.75),
-    "bkl": _DxLook((168, 124, 96), (118, 82, 62), 0.25, 0.08, 0.05, 0.10, 0.10, "streaks", 0.55),
-    "bcc": _DxLook((188, 122, 134), (92, 98, 126), 0.21, 0.08, 0.12, 0.10, 0.10, "dots", 0.85),
+    "bkl": _DxLook((160, 116, 88), (112, 76, 56), 0.25, 0.08, 0.05, 0.10, 0.10, "streaks", 0.55),
+    "bcc": _DxLook((180, 110, 126), (88, 94, 122), 0.21, 0.08, 0.12, 0.10, 0.10, "dots", 0.85),
     "akiec": _DxLook((188, 100, 96), (232, 206, 198), 0.19, 0.10, 0.22, 0.10, 0.10, "scales", 0.7),
     "vasc": _DxLook((160, 52, 78), (104, 22, 52), 0.14, 0.04, 0.05, 0.15, 0.05, "lacunae", 0.8),
     "df": _DxLook((150, 96, 80), (210, 178, 166), 0.15, 0.05, 0.25, 0.0, 0.05, "scar", 0.8),
@@ -145,7 +150,7 @@ _SKIN_TONE_SHIFT: tuple[float, float, float] = (1.0, 1.25, 1.35)  # darker skin:
 _MAX_RADIUS = 0.37  # of the shorter side, so that even a large lesion sits well inside the frame
 _MARGIN = 0.06  # of the shorter side, kept between the lesion's ellipse and the frame
 # Skin blotches: (knots down, knots across, contrast) of each octave.
-_TEXTURE_OCTAVES: tuple[tuple[int, int, float], ...] = ((4, 5, 0.06), (9, 12, 0.03))
+_TEXTURE_OCTAVES: tuple[tuple[int, int, float], ...] = ((4, 5, 0.05), (9, 12, 0.025))
 
 
 @dataclass(frozen=True)
@@ -203,15 +208,21 @@ def synthesize_ham10000(
     ``width`` x ``height`` pixels, and ``synthetic_truth.csv`` giving each lesion's ellipse
     (``center_x, center_y, radius_x, radius_y`` in pixels). The directory appears complete or not
     at all, and replaces a previous one only on success. Classes follow the published
-    proportions, with at least two images (and up to three lesions) of every class.
+    proportions (see :func:`class_counts`), each class in at least two lesions (three from 50
+    images on) so that a grouped train/validation/test split can hold every class.
 
     The same arguments give byte-identical files whatever ``workers`` is (0: one process per
     core). The returned table has ``age`` as float with NaN for blanks, as ``pd.read_csv`` would
     read it.
     """
+    # Imported here, not at the top: worker processes import this module to draw images, and
+    # pandas would add seconds to each one's start.
+    import pandas as pd
+
     _check_arguments(n_images=n_images, seed=seed, width=width, height=height, workers=workers)
-    metadata, looks = _plan_metadata(n_images, seed)
-    specs = _plan_images(metadata, looks, seed=seed, width=width, height=height)
+    rows, looks = _plan_metadata(n_images, seed)
+    specs = _plan_images([row["image_id"] for row in rows], looks, seed=seed, width=width, height=height)
+    metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).astype({"age": "float64"})
     truth = pd.DataFrame(
         {
             "image_id": [Path(s.relative_path).stem for s in specs],
@@ -268,8 +279,8 @@ def _check_arguments(*, n_images: int, seed: int, width: int, height: int, worke
         raise SkinriskError(f"workers must be 0 (one per core) or more; got workers={workers}")
 
 
-def _plan_metadata(n_images: int, seed: int) -> tuple[pd.DataFrame, list[_LesionLook]]:
-    """Draw the metadata table (rows grouped by lesion) and one look per row's lesion."""
+def _plan_metadata(n_images: int, seed: int) -> tuple[list[dict[str, Any]], list[_LesionLook]]:
+    """Draw the metadata rows (grouped by lesion) and the look of each row's lesion."""
     rng = np.random.default_rng([seed, 0])
     lesion_dx: list[str] = []
     lesion_sizes: list[int] = []
@@ -314,9 +325,7 @@ def _plan_metadata(n_images: int, seed: int) -> tuple[pd.DataFrame, list[_Lesion
                 }
             )
             looks.append(look)
-    metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS))
-    metadata["age"] = metadata["age"].astype("float64")
-    return metadata, looks
+    return rows, looks
 
 
 def _lesion_sizes(n_images: int, rng: np.random.Generator) -> list[int]:
@@ -326,14 +335,13 @@ def _lesion_sizes(n_images: int, rng: np.random.Generator) -> list[int]:
     remaining = n_images
     while remaining > 0:
         still_needed = max(0, min_lesions - len(sizes) - 1)
-        size = int(_choose(rng, _IMAGES_PER_LESION))
-        size = min(size, remaining - still_needed)
+        size = min(_choose(rng, _IMAGES_PER_LESION), remaining - still_needed)
         sizes.append(size)
         remaining -= size
     return sizes
 
 
-def _choose(rng: np.random.Generator, weights: dict):
+def _choose(rng: np.random.Generator, weights: Mapping[Key, float]) -> Key:
     """One key of ``weights`` drawn with probability proportional to its value."""
     keys = list(weights)
     p = np.array([weights[k] for k in keys], dtype=float)
@@ -380,6 +388,7 @@ def _draw_lesion_look(dx: str, rng: np.random.Generator) -> _LesionLook:
 
 
 def _rgb(values: np.ndarray) -> tuple[float, float, float]:
+    """A colour as three plain floats in [0, 255] (plain, so specs pickle small and print clearly)."""
     red, green, blue = (float(c) for c in np.clip(values, 0, 255))
     return red, green, blue
 
@@ -403,13 +412,13 @@ def _draw_blobs(pattern: str, rng: np.random.Generator) -> tuple[tuple[float, fl
 
 
 def _plan_images(
-    metadata: pd.DataFrame, looks: Sequence[_LesionLook], *, seed: int, width: int, height: int
+    image_ids: Sequence[str], looks: Sequence[_LesionLook], *, seed: int, width: int, height: int
 ) -> list[_ImageSpec]:
     """Place each image's view of its lesion; sorted by image id, as the truth file lists them."""
-    n_images = len(metadata)
+    n_images = len(image_ids)
     short_side = min(width, height)
     specs = []
-    for image_id, look in zip(metadata["image_id"], looks, strict=True):
+    for image_id, look in zip(image_ids, looks, strict=True):
         number = int(image_id.removeprefix("ISIC_")) - FIRST_IMAGE_NUMBER
         # The view of one lesion changes a little between images: shift, scale, rotation, light.
         rng = np.random.default_rng([seed, 2, number])
@@ -442,7 +451,7 @@ def _plan_images(
                 rotation=float(rng.normal(0, 0.25)),
                 brightness=float(rng.normal(1.0, 0.04)),
                 tint=tuple(float(t) for t in rng.normal(1.0, 0.02, 3)),
-                vignette=float(rng.uniform(0.05, 0.2)),
+                vignette=float(rng.uniform(0.03, 0.12)),
             )
         )
     return sorted(specs, key=lambda s: s.number)
@@ -466,6 +475,7 @@ def _render_all(specs: Sequence[_ImageSpec], staging: Path, *, workers: int) -> 
 
 
 def _render_chunk(specs: Sequence[_ImageSpec], staging: Path) -> None:
+    """Draw and write a few images: the unit of work of one worker process."""
     for spec in specs:
         _render_image(spec).save(staging / spec.relative_path, "JPEG", quality=JPEG_QUALITY)
 
@@ -514,7 +524,10 @@ def _smooth_basis(length: int, knots: int) -> np.ndarray:
     """(knots, length) weights that interpolate evenly spaced knots smoothly along one axis."""
     positions = np.linspace(0.0, knots - 1.0, length, dtype=np.float32)[None, :]
     weights = np.exp(-(((positions - np.arange(knots, dtype=np.float32)[:, None]) / 0.7) ** 2))
-    return (weights / weights.sum(axis=0, keepdims=True)).astype(np.float32)
+    weights /= weights.sum(axis=0, keepdims=True)
+    # Far-off knots would contribute denormal floats, which make arithmetic many times slower.
+    weights[weights < 1e-6] = 0.0
+    return weights.astype(np.float32)
 
 
 def _composite_lesion(canvas: np.ndarray, spec: _ImageSpec, light: np.ndarray) -> None:
@@ -578,7 +591,7 @@ def _pattern_field(pattern: str, look: _LesionLook, pu: np.ndarray, pv: np.ndarr
 
 @lru_cache(maxsize=8)
 def _corner_distance(width: int, height: int) -> np.ndarray:
-    """Squared-ish distance from the centre, 0 there and 1 in the corners, for vignetting."""
+    """Vignetting profile: 0 at the centre rising to 1 in the corners, steeply (distance cubed)."""
     x = np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
     y = np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
     return (((x * x + y * y) / 2.0) ** 1.5).astype(np.float32)

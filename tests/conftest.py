@@ -1,0 +1,66 @@
+"""Shared fixtures: a small synthetic HAM10000 sample, imported and preprocessed once per session.
+
+Tests never need ../shared: they generate their data. Tests on the real sample are marked
+``real_data`` and skip (visibly, with the reason) where it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from tests.support import REAL_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory) -> Path:
+    """A synthetic sample in the Kaggle layout: 280 images, 96 x 72 pixels."""
+    from tasks.synth import synthesize_ham10000
+
+    out = tmp_path_factory.mktemp("synthetic") / "ham10000"
+    synthesize_ham10000(out, n_images=280, seed=11, width=96, height=72)
+    return out
+
+
+@pytest.fixture(scope="session")
+def raw_dir(synthetic_source, tmp_path_factory) -> Path:
+    """The synthetic sample imported into the canonical raw layout (read-only by convention)."""
+    from tasks.ingest import import_dataset
+
+    raw = tmp_path_factory.mktemp("import") / "raw"
+    import_dataset(synthetic_source, raw, progress=False)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def processed_dir(raw_dir, tmp_path_factory) -> Path:
+    """The raw sample preprocessed at 32 x 32 pixels."""
+    from tasks.params import PreprocessParams
+    from tasks.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("processed") / "processed"
+    preprocess(raw_dir, out, PreprocessParams(image_size=32, workers=1))
+    return out
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store in tmp_path (cwd moves there so artifacts land there too)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return uri
+
+
+@pytest.fixture
+def real_sample() -> Path:
+    if not REAL_SAMPLE.is_dir():
+        pytest.skip(f"real HAM10000 sample not found at {REAL_SAMPLE} (only on the team machines and CI)")
+    return REAL_SAMPLE

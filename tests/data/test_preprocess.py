@@ -1,0 +1,140 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.clinical import ClinicalEncoder
+from tasks.dataset import load_split
+from tasks.errors import DataError
+from tasks.params import PreprocessParams
+from tasks.preprocess import CASES_FILE, ENCODER_FILE, SPLITS, preprocess
+from tasks.schema import RAW_METADATA_FILE, RISK_LEVELS, raw_image_path
+
+
+@pytest.fixture(scope="module")
+def cases(processed_dir) -> pd.DataFrame:
+    return pd.read_csv(processed_dir / CASES_FILE)
+
+
+def test_no_lesion_crosses_splits(cases):
+    splits_per_lesion = cases.groupby("lesion_id")["split"].nunique()
+    assert (splits_per_lesion == 1).all(), splits_per_lesion[splits_per_lesion > 1]
+    assert set(cases["split"]) == set(SPLITS)
+
+
+def test_every_split_holds_every_risk_level_in_similar_shares(cases):
+    shares = pd.crosstab(cases["split"], cases["risk_level"], normalize="index")
+    assert set(shares.columns) == set(RISK_LEVELS)
+    assert (shares.max() - shares.min()).max() < 0.15
+
+
+def test_default_risk_mapping_by_referral_urgency(cases):
+    expected = {
+        "mel": "high",
+        "bcc": "moderate",
+        "akiec": "moderate",
+        "nv": "low",
+        "bkl": "low",
+        "df": "low",
+        "vasc": "low",
+    }
+    assert dict(zip(cases["dx"], cases["risk_level"], strict=True)) == {dx: expected[dx] for dx in cases["dx"].unique()}
+
+
+def test_encoder_is_fitted_on_the_training_split_only(processed_dir, cases):
+    encoder = ClinicalEncoder.load(processed_dir / ENCODER_FILE)
+    train_ages = cases.loc[cases["split"] == "train", "age"].dropna()
+    assert encoder.age_mean == pytest.approx(train_ages.mean())
+    assert encoder.age_mean != pytest.approx(cases["age"].dropna().mean(), abs=1e-9)
+
+
+def test_arrays_match_cases_and_images(processed_dir, cases, raw_dir):
+    from tasks.images import load_image
+
+    total = 0
+    for split in SPLITS:
+        arrays = load_split(processed_dir, split)
+        rows = cases.loc[cases["split"] == split]
+        assert arrays.image_id.tolist() == rows["image_id"].tolist()
+        assert arrays.images.shape[1:] == (32, 32, 3) and arrays.images.dtype == np.uint8
+        assert [RISK_LEVELS[i] for i in arrays.risk] == rows["risk_level"].tolist()
+        total += len(arrays)
+    first = load_split(processed_dir, "train")
+    np.testing.assert_array_equal(first.images[0], load_image(raw_image_path(raw_dir, first.image_id[0]), 32))
+    assert total == len(cases)
+
+
+def test_missing_ages_dropped_by_default_or_imputed_with_a_flag(raw_dir, processed_dir, tmp_path):
+    raw = pd.read_csv(raw_dir / RAW_METADATA_FILE, dtype=str, keep_default_na=False)
+    n_blank = int((raw["age"] == "").sum())
+    assert n_blank > 0, "the synthetic sample should contain blank ages"
+    summary = json.loads((processed_dir / "preprocess.json").read_text())
+    assert summary["n_dropped"] == n_blank
+
+    imputed = preprocess(
+        raw_dir, tmp_path / "imputed", PreprocessParams(image_size=32, workers=1, missing_clinical="impute")
+    )
+    assert imputed.n_images == len(raw) and imputed.n_dropped == 0
+    flags = np.concatenate([load_split(tmp_path / "imputed", s).clinical[:, 1] for s in SPLITS])
+    assert flags.sum() == n_blank
+
+
+def test_splits_are_deterministic_for_a_seed_and_change_with_it(raw_dir, processed_dir, cases, tmp_path):
+    again = tmp_path / "again"
+    preprocess(raw_dir, again, PreprocessParams(image_size=32, workers=2))
+    assert pd.read_csv(again / CASES_FILE)["split"].tolist() == cases["split"].tolist()
+    other = tmp_path / "other"
+    preprocess(raw_dir, other, PreprocessParams(image_size=32, workers=1, seed=99))
+    assert pd.read_csv(other / CASES_FILE)["split"].tolist() != cases["split"].tolist()
+
+
+def test_custom_risk_map_from_params(raw_dir, tmp_path):
+    params = PreprocessParams(
+        image_size=32,
+        workers=1,
+        risk_map={"high": ["mel", "bcc"], "moderate": ["akiec"], "low": ["nv", "bkl", "df", "vasc"]},
+    )
+    preprocess(raw_dir, tmp_path / "p", params)
+    cases = pd.read_csv(tmp_path / "p" / CASES_FILE)
+    assert set(cases.loc[cases["dx"] == "bcc", "risk_level"]) == {"high"}
+
+
+def _raw_copy(raw_dir, tmp_path):
+    copy = tmp_path / "raw"
+    shutil.copytree(raw_dir, copy)
+    return copy
+
+
+def test_corrupt_image_fails_and_keeps_the_previous_output(raw_dir, tmp_path):
+    out = tmp_path / "processed"
+    preprocess(raw_dir, out, PreprocessParams(image_size=32, workers=1))
+    before = (out / CASES_FILE).read_bytes()
+    raw = _raw_copy(raw_dir, tmp_path)
+    image_id = pd.read_csv(raw / RAW_METADATA_FILE)["image_id"].iloc[5]
+    raw_image_path(raw, image_id).write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(DataError, match=image_id):
+        preprocess(raw, out, PreprocessParams(image_size=32, workers=1))
+    assert (out / CASES_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"], "no staging leftovers"
+
+
+def test_unknown_dx_and_wrong_age_type_name_the_line(raw_dir, tmp_path):
+    raw = _raw_copy(raw_dir, tmp_path)
+    table = pd.read_csv(raw / RAW_METADATA_FILE, dtype=str, keep_default_na=False)
+    table.loc[4, "dx"] = "melanoma"
+    table.to_csv(raw / RAW_METADATA_FILE, index=False)
+    with pytest.raises(DataError, match=r"line 6 .*'melanoma'"):
+        preprocess(raw, tmp_path / "out", PreprocessParams(image_size=32, workers=1))
+    table.loc[4, "dx"] = "mel"
+    table.loc[7, "age"] = "forty"
+    table.to_csv(raw / RAW_METADATA_FILE, index=False)
+    with pytest.raises(DataError, match=r"line 9 .*'forty' is not a number"):
+        preprocess(raw, tmp_path / "out", PreprocessParams(image_size=32, workers=1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_raw_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(DataError, match="skinrisk data import"):
+        preprocess(tmp_path / "raw", tmp_path / "out", PreprocessParams())

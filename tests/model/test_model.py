@@ -1,0 +1,71 @@
+import keras
+import numpy as np
+import pytest
+
+from tasks.errors import SkinriskError
+from tasks.model import LAST_CONV_LAYER, build_model, imagenet_weights_file, set_finetune
+from tests.support import IMAGENET_CACHE, tiny_train_params
+
+
+def test_backbone_layers_sit_in_the_outer_graph_for_grad_cam():
+    model = build_model(32, 20, 3, tiny_train_params())
+    conv = model.get_layer(LAST_CONV_LAYER)
+    grad_model = keras.Model(model.inputs, [conv.output, model.output])
+    activations, probs = grad_model({"image": np.zeros((2, 32, 32, 3)), "clinical": np.zeros((2, 20))})
+    assert activations.shape[-1] == 1280
+    np.testing.assert_allclose(np.asarray(probs).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_backbone_starts_frozen_and_fine_tuning_opens_only_the_top_blocks():
+    model = build_model(32, 20, 3, tiny_train_params())
+    assert not model.get_layer("block_16_project").trainable
+    n = set_finetune(model, 15)
+    assert n == 7  # blocks 15 and 16 (expand, depthwise, project) and Conv_1
+    assert model.get_layer("block_15_expand").trainable
+    assert not model.get_layer("block_14_expand").trainable
+    assert not model.get_layer("block_15_expand_BN").trainable
+
+
+def test_a_few_steps_lower_the_loss_on_tiny_data():
+    keras.utils.set_random_seed(0)
+    model = build_model(32, 6, 3, tiny_train_params())
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 64)
+    images = (labels[:, None, None, None] - 1.0) * 0.5 + rng.normal(0, 0.1, (64, 32, 32, 3))
+    clinical = np.eye(6)[labels * 2].astype("float32")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    x = {"image": images.astype("float32"), "clinical": clinical}
+    before = model.evaluate(x, labels, verbose=0)
+    model.fit(x, labels, epochs=5, batch_size=16, verbose=0)
+    assert model.evaluate(x, labels, verbose=0) < before * 0.8
+
+
+def test_unavailable_imagenet_weights_say_how_to_fix_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("URL fetch failure: no network")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    with pytest.raises(SkinriskError) as error:
+        build_model(128, 20, 3, tiny_train_params(weights="imagenet", alpha=1.0))
+    message = str(error.value)
+    assert "KERAS_HOME" in message and "train.weights=none" in message
+    assert str(imagenet_weights_file(1.0, 128)) in message
+
+
+def test_missing_weights_file_is_refused(tmp_path):
+    with pytest.raises(SkinriskError, match="no such file"):
+        build_model(32, 20, 3, tiny_train_params(weights=str(tmp_path / "nope.h5")))
+
+
+def test_imagenet_weights_load_from_the_offline_cache(monkeypatch):
+    if not (IMAGENET_CACHE / "models").is_dir():
+        pytest.skip(f"no offline Keras cache at {IMAGENET_CACHE}")
+    monkeypatch.setenv("KERAS_HOME", str(IMAGENET_CACHE))
+    model = build_model(128, 20, 3, tiny_train_params(weights="imagenet", alpha=1.0))
+    random = build_model(128, 20, 3, tiny_train_params(weights="none", alpha=1.0))
+    pretrained = model.get_layer("Conv1").get_weights()[0]
+    assert not np.allclose(pretrained, random.get_layer("Conv1").get_weights()[0])
+    assert np.abs(pretrained).max() < 50  # trained filters, not an init artefact

@@ -1,0 +1,135 @@
+"""Training behaviour on the learnable synthetic sample: it learns, and it resumes after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.params import EvaluateParams
+from tests.support import PROJECT_ROOT, tiny_train_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(processed_dir, tmp_path_factory):
+    from tasks.train import train
+
+    out = tmp_path_factory.mktemp("trained")
+    result = train(processed_dir, out / "models", out / "reports", tiny_train_params(head_epochs=6, finetune_epochs=2))
+    return out, result
+
+
+def test_training_writes_model_history_and_info(trained):
+    out, result = trained
+    assert Path(result.model_path).exists()
+    history = pd.read_csv(result.history_path)
+    assert history["epoch"].tolist() == list(range(1, len(history) + 1))
+    assert set(history["phase"]) == {"head", "finetune"}
+    assert {"loss", "val_loss", "val_balanced_accuracy", "val_high_risk_recall"} <= set(history.columns)
+    assert json.loads((out / "models" / "train.json").read_text())["epochs_run"] == len(history)
+    assert not (out / "models" / "checkpoints").exists(), "checkpoints are removed after success"
+
+
+def test_trained_model_beats_the_majority_class_on_balanced_accuracy(trained, processed_dir):
+    from tasks.evaluate import evaluate
+
+    out, result = trained
+    metrics = evaluate(
+        Path(result.model_path), processed_dir, out / "reports", out / "models", EvaluateParams(bootstrap_resamples=200)
+    )
+    # The majority-class baseline has balanced accuracy 1/3 over the three levels.
+    assert metrics["balanced_accuracy"] > 0.45, metrics["balanced_accuracy"]
+    for name in ("confusion_matrix.png", "reliability.png", "training_curves.png", "metrics.json", "predictions.csv"):
+        assert (out / "reports" / name).exists(), name
+    point = json.loads((out / "models" / "operating_point.json").read_text())
+    assert 0 < point["threshold"] < 1 and point["target_recall"] == 0.9
+
+
+def test_diagnosis_target_sums_to_risk_levels(processed_dir, tmp_path):
+    from tasks.evaluate import evaluate
+    from tasks.train import train
+
+    result = train(
+        processed_dir,
+        tmp_path / "models",
+        tmp_path / "reports",
+        tiny_train_params(target="dx", head_epochs=2, finetune_epochs=0),
+    )
+    assert result.class_names == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    metrics = evaluate(
+        Path(result.model_path),
+        processed_dir,
+        tmp_path / "reports",
+        tmp_path / "models",
+        EvaluateParams(bootstrap_resamples=100),
+    )
+    assert len(metrics["confusion_matrix"]) == 3
+
+
+def test_smote_head_phase_trains(processed_dir, tmp_path):
+    from tasks.train import train
+
+    result = train(
+        processed_dir,
+        tmp_path / "models",
+        tmp_path / "reports",
+        tiny_train_params(smote=True, head_epochs=2, finetune_epochs=1),
+    )
+    history = pd.read_csv(result.history_path)
+    assert history["phase"].tolist()[:2] == ["head", "head"] and np.isfinite(history["val_loss"]).all()
+
+
+def test_a_killed_training_run_resumes_from_its_last_checkpoint(processed_dir, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((PROJECT_ROOT / "params.yaml").read_text())
+    settings = tiny_train_params(head_epochs=12, finetune_epochs=1)
+    overrides = [f"train.{k}={v}" for k, v in settings.model_dump(exclude={"augment"}).items()]
+    command = [
+        sys.executable,
+        "-m",
+        "tasks.cli",
+        "train",
+        "--no-tracking",
+        "--params",
+        str(params),
+        "--processed-dir",
+        str(processed_dir),
+        "--model-dir",
+        str(tmp_path / "models"),
+        "--reports-dir",
+        str(tmp_path / "reports"),
+    ]
+    for item in overrides:
+        command += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    history = tmp_path / "models" / "checkpoints" / "history.csv"
+
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        if history.exists() and len(pd.read_csv(history)) >= 2:
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, "training ended before it could be killed:\n" + first.stdout.read().decode()
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    done_before_kill = len(pd.read_csv(history))
+    assert not (tmp_path / "models" / "model.keras").exists()
+
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming training from the checkpoint of epoch" in second.stdout
+    final = pd.read_csv(tmp_path / "reports" / "training_history.csv")
+    assert final["epoch"].tolist() == list(range(1, len(final) + 1)), "no epoch lost or repeated"
+    resumed_at = int(second.stdout.split("checkpoint of epoch ")[1].split()[0])
+    assert resumed_at >= done_before_kill - 1
+    # The resumed run trained only the epochs left, not all of them again.
+    assert second.stdout.count("Epoch ") <= len(final) - resumed_at + 1 + 1

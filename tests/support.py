@@ -1,0 +1,31 @@
+"""Helpers shared by the tests (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REAL_SAMPLE = PROJECT_ROOT.parent / "shared" / "data" / "ham10000-200px"
+IMAGENET_CACHE = PROJECT_ROOT.parent / "shared" / "weights" / "keras"
+
+
+def tiny_train_params(**overrides):
+    """A model small enough to train in seconds on two CPU cores."""
+    from tasks.params import AugmentParams, TrainParams
+
+    values = dict(
+        weights="none",
+        alpha=0.35,
+        image_units=16,
+        clinical_units=8,
+        fusion_units=16,
+        dropout=0.1,
+        batch_size=32,
+        head_epochs=3,
+        finetune_epochs=1,
+        learning_rate=3e-3,
+        finetune_learning_rate=1e-3,
+        augment=AugmentParams(rotation=0.05, zoom=0.05, brightness=0.05, contrast=0.05),
+    )
+    values.update(overrides)
+    return TrainParams(**values)
