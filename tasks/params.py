@@ -133,12 +133,32 @@ class EvaluateParams(_Section):
     seed: int = 0
 
 
+class ExplainParams(_Section):
+    cases_per_level: int = Field(3, ge=1, description="test cases explained per true risk level")
+    confidently_wrong: int = Field(3, ge=0, description="most confident wrong predictions added")
+    shap_background: int = Field(50, ge=5, description="training cases SHAP integrates over")
+    shap_cases: int = Field(100, ge=1, description="test cases in the global SHAP summary")
+    overlay_alpha: float = Field(0.4, gt=0, lt=1)
+    seed: int = 0
+
+
+class MonitorParams(_Section):
+    drift_share: float = Field(0.3, gt=0, le=1, description="drifted-column share that raises the alarm")
+    stattest_threshold: float = Field(0.05, gt=0, lt=1, description="p-value (or distance) threshold per column")
+    embedding_components: int = Field(5, ge=1, description="principal components of image embeddings tracked")
+    reference_size: int = Field(1000, ge=50, description="training cases kept in the reference profile")
+    retrain_deployment: str = Field("skinrisk-training/retrain-weekly", description="flow/deployment to trigger")
+    seed: int = 0
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    explain: ExplainParams = ExplainParams()
+    monitor: MonitorParams = MonitorParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
