@@ -1,0 +1,234 @@
+"""The register stage: log the serving pyfunc to the training run and register it under an alias.
+
+The logged model carries everything scoring needs (the ``.keras`` model, the clinical encoder,
+``preprocess.json`` and the validation-chosen operating point) plus the ``tasks`` package as
+code, so ``mlflow models serve -m models:/skinrisk@challenger`` scores raw cases on its own.
+
+Registry stages are deprecated in MLflow: versions are addressed by alias (``challenger`` for a
+freshly registered candidate, ``champion`` for the one in service), never by stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tasks.atomic import write_json
+from tasks.errors import SkinriskError
+from tasks.preprocess import ENCODER_FILE, SUMMARY_FILE, read_preprocess_summary
+from tasks.tracking import MODEL_NAME, client, tracking_uri
+
+LOGGED_MODEL_NAME = "model"
+DATA_VERSION_TAG = "data_version"
+# What the pyfunc imports when it is served: TensorFlow/Keras for the network, Pillow to decode,
+# pandas/numpy for the table, pydantic and PyYAML (tasks.params), scikit-learn and matplotlib
+# (tasks.metrics, which sums diagnosis probabilities per risk level), and MLflow itself.
+SERVING_DISTRIBUTIONS: tuple[str, ...] = (
+    "keras",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pydantic",
+    "pyyaml",
+    "scikit-learn",
+    "matplotlib",
+    "mlflow",
+)
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    alias: str
+    model_uri: str  # models:/<name>/<version>: this exact version, wherever the alias moves later
+    run_id: str
+
+
+def _installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def pip_requirements() -> list[str]:
+    """The served model's requirements, pinned to the versions installed here."""
+    tensorflow = next((f"{d}=={v}" for d in ("tensorflow-cpu", "tensorflow") if (v := _installed(d))), None)
+    if tensorflow is None:
+        raise SkinriskError("TensorFlow is not installed: install the project (pip install -e .)")
+    pinned = [tensorflow]
+    for distribution in SERVING_DISTRIBUTIONS:
+        version = _installed(distribution)
+        if version is None:
+            raise SkinriskError(
+                f"{distribution} is not installed, and the served model needs it: "
+                "install the project (pip install -e .)"
+            )
+        pinned.append(f"{distribution}=={version}")
+    return pinned
+
+
+def _metric_tags(metrics: Mapping[str, object] | None) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for key, value in (metrics or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SkinriskError(
+                f"metric {key!r} is {type(value).__name__}, not a number: pass the headline "
+                "figures only, e.g. {'balanced_accuracy': 0.71, 'high_risk_recall': 0.9}"
+            )
+        tags[key] = "nan" if math.isnan(value) else str(value)
+    return tags
+
+
+@contextlib.contextmanager
+def _logging_to(run_id: str) -> Iterator[None]:
+    """Make ``run_id`` the active run of this thread for the block, then restore its status.
+
+    ``mlflow.pyfunc.log_model`` only logs to the active run, which is thread-local; resuming the
+    run by id here (and ending it again) keeps the calling thread's state as it was, and leaves a
+    run that was still RUNNING running.
+    """
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    status = client().get_run(run_id).info.status
+    mlflow.start_run(run_id=run_id, nested=active is not None)
+    try:
+        yield
+    finally:
+        mlflow.end_run(status=status)
+
+
+def _check_inputs(model_path: Path, processed_dir: Path, operating_point_path: Path) -> None:
+    needed = {
+        model_path: "`skinrisk train`",
+        processed_dir / ENCODER_FILE: "`skinrisk preprocess`",
+        processed_dir / SUMMARY_FILE: "`skinrisk preprocess`",
+        operating_point_path: "`skinrisk evaluate`",
+    }
+    missing = [f"{path} (made by {stage})" for path, stage in needed.items() if not path.is_file()]
+    if missing:
+        raise SkinriskError("cannot register the model; missing: " + ", ".join(missing))
+
+
+def register_model(
+    model_path: Path,
+    processed_dir: Path,
+    operating_point_path: Path,
+    run_id: str,
+    *,
+    name: str = MODEL_NAME,
+    alias: str = "challenger",
+    metrics: dict | None = None,
+    out_file: Path | None = None,
+) -> Registration:
+    """Log the serving pyfunc to run ``run_id``, register a new version of ``name``, alias it.
+
+    The version is tagged with the run id, the run's data version (when the run has one) and the
+    headline ``metrics`` (flat numbers, tagged as strings). ``out_file`` (e.g.
+    ``models/registered.json``) receives the :class:`Registration`, atomically.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tasks.serving import (
+        ENCODER_ARTIFACT,
+        MODEL_ARTIFACT,
+        OPERATING_POINT_ARTIFACT,
+        PREPROCESS_ARTIFACT,
+        RiskModel,
+        example_input,
+        read_operating_point,
+        risk_signature,
+    )
+
+    model_path, processed_dir = Path(model_path), Path(processed_dir)
+    operating_point_path = Path(operating_point_path)
+    _check_inputs(model_path, processed_dir, operating_point_path)
+    summary = read_preprocess_summary(processed_dir)
+    operating_point = read_operating_point(operating_point_path)
+    tags = {"run_id": run_id, **_metric_tags(metrics)}
+
+    mlflow_client = client()  # also points mlflow's fluent API at tracking_uri()
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException as exc:
+        raise SkinriskError(
+            f"run {run_id!r} is not in the MLflow store at {tracking_uri()}: register from the "
+            "run that trained the model (see models/train.json) or check MLFLOW_TRACKING_URI"
+        ) from exc
+    if DATA_VERSION_TAG in run.data.tags:
+        tags[DATA_VERSION_TAG] = run.data.tags[DATA_VERSION_TAG]
+    tags["target"] = operating_point["target"]
+    tags["threshold"] = str(operating_point["threshold"])
+
+    with _logging_to(run_id):
+        logged = mlflow.pyfunc.log_model(
+            name=LOGGED_MODEL_NAME,
+            python_model=RiskModel(),
+            artifacts={
+                MODEL_ARTIFACT: str(model_path),
+                ENCODER_ARTIFACT: str(processed_dir / ENCODER_FILE),
+                PREPROCESS_ARTIFACT: str(processed_dir / SUMMARY_FILE),
+                OPERATING_POINT_ARTIFACT: str(operating_point_path),
+            },
+            # The served model imports tasks.serving (and what it uses) from this copy.
+            code_paths=[str(Path(__file__).resolve().parent)],
+            signature=risk_signature(),
+            input_example=example_input(int(summary["image_size"])),
+            pip_requirements=pip_requirements(),
+        )
+    version = mlflow.register_model(logged.model_uri, name, tags=tags)
+    mlflow_client.set_registered_model_alias(name, alias, version.version)
+
+    registration = Registration(
+        name=name,
+        version=str(version.version),
+        alias=alias,
+        model_uri=f"models:/{name}/{version.version}",
+        run_id=run_id,
+    )
+    if out_file is not None:
+        write_json(Path(out_file), asdict(registration))
+    return registration
+
+
+def load_registered(uri: str):
+    """The served pyfunc at ``uri`` (``models:/skinrisk@champion``, ``models:/skinrisk/3``...)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client()  # point mlflow at tracking_uri() before it resolves models:/ URIs
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise SkinriskError(
+            f"no model at {uri} in the MLflow store at {tracking_uri()} ({exc.message}). {_registry_hint(uri)}"
+        ) from exc
+
+
+def _registry_hint(uri: str) -> str:
+    """What the registry does hold under the URI's model name, for the error message."""
+    if not uri.startswith("models:/"):
+        return "Give a models:/<name>@<alias> or models:/<name>/<version> URI."
+    name = uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    try:
+        model = client().get_registered_model(name)
+    except Exception:
+        return f"No registered model is named {name!r}: run `skinrisk register` first."
+    aliases = ", ".join(f"{a} -> version {v}" for a, v in sorted(model.aliases.items()))
+    versions = sorted(int(v.version) for v in client().search_model_versions(f"name='{name}'"))
+    return (
+        f"Model {name!r} has version(s) {versions} and alias(es) {aliases or 'none'}; "
+        "register it again or use one of these."
+    )
