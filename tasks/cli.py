@@ -172,6 +172,45 @@ def cmd_register(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_registry_show(args: argparse.Namespace) -> None:
+    from tasks.promote import registry_table
+
+    table = registry_table()
+    print(table.to_string(index=False) if len(table) else "no versions registered")
+
+
+def cmd_registry_promote(args: argparse.Namespace) -> None:
+    from tasks.promote import promote
+
+    decision = promote(Path(args.processed_dir), Path(args.raw_dir), _params(args).promote)
+    print(decision.summary())
+
+
+def cmd_registry_rollback(args: argparse.Namespace) -> None:
+    from tasks.promote import rollback
+
+    demoted, restored = rollback()
+    print(f"@champion rolled back from version {demoted} to version {restored}")
+
+
+def cmd_triage(args: argparse.Namespace) -> None:
+    from tasks.evaluate import load_bundle
+    from tasks.triage import triage
+
+    bundle = load_bundle(args.model, Path(args.processed_dir), Path(args.model_dir))
+    summary = triage(bundle, Path(args.cases), Path(args.images), Path(args.out))
+    print(
+        f"scored {summary.n_scored} of {summary.n_cases} cases in {summary.seconds_scoring:.1f} s: "
+        f"{summary.n_referred} referred; queue in {summary.queue_path}"
+    )
+    if summary.invalid_path:
+        import pandas as pd
+
+        print(f"{summary.n_invalid} invalid row(s), not scored (also in {summary.invalid_path}):")
+        for row in pd.read_csv(summary.invalid_path).itertuples():
+            print(f"  line {row.row} ({row.image}): {row.reason}")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> None:
     from flows.training import training_pipeline
     from tasks.evaluate import format_headline
@@ -313,6 +352,31 @@ def build_parser() -> argparse.ArgumentParser:
     register = add("register", cmd_register, "log the model to its MLflow run and register it as @challenger")
     stage_paths(register)
     register.add_argument("--model", default=str(paths.MODELS_DIR / "model.keras"), help="default: %(default)s")
+
+    registry = commands.add_parser("registry", help="the MLflow model registry: show, promote, rollback")
+    registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+    add(
+        "show", cmd_registry_show, "list the versions of the skinrisk model with aliases and figures", registry_commands
+    )
+    promote = add(
+        "promote",
+        cmd_registry_promote,
+        "gate @challenger against @champion on the same test cases; move @champion if every gate passes",
+        registry_commands,
+    )
+    promote.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
+    promote.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
+    add("rollback", cmd_registry_rollback, "point @champion back at @previous", registry_commands)
+
+    triage_cmd = add("triage", cmd_triage, "rank a batch of new cases by risk, with the recommended action")
+    triage_cmd.add_argument(
+        "--model", default="models:/skinrisk@champion", help="MLflow URI or saved model (default: %(default)s)"
+    )
+    triage_cmd.add_argument("--cases", required=True, help="CSV with columns image, age, sex, localization")
+    triage_cmd.add_argument("--images", required=True, help="folder the image column is relative to")
+    triage_cmd.add_argument("--out", required=True, help="the ranked queue (CSV)")
+    triage_cmd.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="for a saved-model path")
+    triage_cmd.add_argument("--model-dir", default=str(paths.MODELS_DIR), help="for a saved-model path")
 
     add(
         "pipeline",

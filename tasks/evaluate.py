@@ -63,6 +63,24 @@ def predict_risk(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch
     return risk_probabilities(probs, bundle.target, bundle.summary["diagnoses"], bundle.summary["risk_map"])
 
 
+def score_images(bundle: Bundle, frame: pd.DataFrame, image_paths: list[Path]) -> np.ndarray:
+    """Risk probabilities for raw cases: image files plus parsed ``age``, ``sex``, ``localization``.
+
+    Images are decoded at the model's own input size and the clinical fields go through the
+    model's own encoder, so models trained on different data are scored on equal terms.
+    """
+    from tasks.preprocess import decode_images
+
+    images = decode_images(list(image_paths), int(bundle.summary["image_size"]))
+    return predict_risk(bundle, images, bundle.encoder.transform(frame))
+
+
+def risk_labels(bundle: Bundle, diagnoses: pd.Series) -> np.ndarray:
+    """Risk-level indices of diagnoses under the model's own risk mapping."""
+    level_of = {dx: level for level, dxs in bundle.summary["risk_map"].items() for dx in dxs}
+    return diagnoses.map(level_of).map(RISK_LEVELS.index).to_numpy()
+
+
 def _lesion_groups(processed_dir: Path, split: SplitArrays) -> np.ndarray:
     cases = pd.read_csv(Path(processed_dir) / CASES_FILE, usecols=["image_id", "lesion_id"])
     lookup = dict(zip(cases["image_id"], cases["lesion_id"], strict=True))
@@ -285,19 +303,17 @@ def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: Eval
     """
     from tasks.ingest import import_dataset, read_raw_metadata
     from tasks.metrics import classification_figures
-    from tasks.preprocess import clinical_frame, decode_images
+    from tasks.preprocess import clinical_frame
     from tasks.schema import RAW_METADATA_FILE, raw_image_path
 
     with tempfile.TemporaryDirectory(prefix="skinrisk-external-") as scratch:
         raw_dir = Path(scratch) / "raw"
         import_dataset(Path(source), raw_dir, progress=False)
         frame = clinical_frame(read_raw_metadata(raw_dir), raw_dir / RAW_METADATA_FILE)
-        level_of = {dx: level for level, dxs in bundle.summary["risk_map"].items() for dx in dxs}
         if bundle.encoder.missing_policy == "drop":
             frame = frame.loc[frame["age"].notna()].reset_index(drop=True)
-        images = decode_images([raw_image_path(raw_dir, i) for i in frame["image_id"]], bundle.summary["image_size"])
-    y_true = frame["dx"].map(level_of).map(RISK_LEVELS.index).to_numpy()
-    probs = predict_risk(bundle, images, bundle.encoder.transform(frame))
+        probs = score_images(bundle, frame, [raw_image_path(raw_dir, i) for i in frame["image_id"]])
+    y_true = risk_labels(bundle, frame["dx"])
     threshold = (bundle.operating_point or {}).get("threshold")
     metrics = classification_figures(
         y_true,

@@ -84,7 +84,16 @@ def build_model(image_size: int, n_clinical: int, n_classes: int, params: TrainP
     clinical_input = keras.Input((n_clinical,), name="clinical")
 
     backbone = _backbone(image_input, params, image_size)
-    backbone.trainable = False
+    # A pretrained backbone is frozen for the head phase; a random one must learn from the start
+    # (frozen, its BatchNorm layers in inference mode would pass on next to nothing).
+    backbone.trainable = params.weights == "none"
+    if params.weights == "none":
+        # Keras' MobileNetV2 tracks BatchNorm statistics with momentum 0.999, tuned for ImageNet's
+        # million steps; from scratch on a few thousand images they would stay at their initial
+        # values, and inference would run on statistics the weights never saw.
+        for layer in backbone.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = 0.9
     image = layers.GlobalAveragePooling2D(name=POOLED_LAYER)(backbone.output)
     head = fusion_head(n_clinical, n_classes, params, embedding_size=int(image.shape[-1]))
     outputs = head([image, clinical_input])

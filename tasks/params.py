@@ -133,6 +133,16 @@ class EvaluateParams(_Section):
     seed: int = 0
 
 
+class PromoteParams(_Section):
+    """Gates a challenger must pass, on the same evaluation data as the champion, to replace it."""
+
+    max_balanced_accuracy_drop: float = Field(0.01, ge=0, lt=1, description="tolerated drop vs the champion")
+    min_high_risk_recall: float = Field(0.85, ge=0, le=1, description="floor at the triage operating point")
+    max_ece: float = Field(0.15, gt=0, le=1, description="expected calibration error bound")
+    min_balanced_accuracy: float = Field(0.40, ge=0, le=1, description="absolute floor, also for the first champion")
+    bootstrap_resamples: int = Field(200, ge=100)
+
+
 class ExplainParams(_Section):
     cases_per_level: int = Field(3, ge=1, description="test cases explained per true risk level")
     confidently_wrong: int = Field(3, ge=0, description="most confident wrong predictions added")
@@ -147,7 +157,7 @@ class MonitorParams(_Section):
     stattest_threshold: float = Field(0.05, gt=0, lt=1, description="p-value (or distance) threshold per column")
     embedding_components: int = Field(5, ge=1, description="principal components of image embeddings tracked")
     reference_size: int = Field(1000, ge=50, description="training cases kept in the reference profile")
-    retrain_deployment: str = Field("skinrisk-training/retrain-weekly", description="flow/deployment to trigger")
+    retrain_deployment: str = Field("skinrisk-retraining/retrain-weekly", description="flow/deployment to trigger")
     seed: int = 0
 
 
@@ -157,6 +167,7 @@ class Params(_Section):
     preprocess: PreprocessParams = PreprocessParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
     explain: ExplainParams = ExplainParams()
     monitor: MonitorParams = MonitorParams()
 

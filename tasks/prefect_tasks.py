@@ -130,3 +130,18 @@ def finish_tracking(run_id: str, status: str) -> None:
     from tasks.tracking import end_run
 
     end_run(run_id, status)
+
+
+@task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def promote(processed_dir: str, raw_dir: str, params_file: str, overrides: list[str]) -> dict:
+    from tasks.promote import decision_record
+    from tasks.promote import promote as run_promote
+
+    decision = run_promote(Path(processed_dir), Path(raw_dir), _params(params_file, overrides).promote)
+    print(decision.summary())
+    create_markdown_artifact(
+        key="skinrisk-promotion",
+        markdown="### Promotion decision\n\n```\n" + decision.summary() + "\n```",
+        description="Challenger vs champion gates",
+    )
+    return decision_record(decision)

@@ -64,3 +64,41 @@ def real_sample() -> Path:
     if not REAL_SAMPLE.is_dir():
         pytest.skip(f"real HAM10000 sample not found at {REAL_SAMPLE} (only on the team machines and CI)")
     return REAL_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def learnable(tmp_path_factory) -> Path:
+    """A larger synthetic sample (600 images) preprocessed at 48 x 48: enough test lesions for a
+    meaningful comparison with the majority-class baseline. Returns the folder holding raw/ and
+    processed/."""
+    from tasks.ingest import import_dataset
+    from tasks.params import PreprocessParams
+    from tasks.preprocess import preprocess
+    from tasks.synth import synthesize_ham10000
+
+    root = tmp_path_factory.mktemp("learnable")
+    synthesize_ham10000(root / "source", n_images=600, seed=5, width=64, height=48)
+    import_dataset(root / "source", root / "raw", progress=False)
+    preprocess(root / "raw", root / "processed", PreprocessParams(image_size=48))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(learnable, tmp_path_factory):
+    """A tiny model trained and evaluated on ``learnable``: (output folder, TrainResult, metrics)."""
+    from tasks.evaluate import evaluate
+    from tasks.params import EvaluateParams
+    from tasks.train import train
+    from tests.support import tiny_train_params
+
+    out = tmp_path_factory.mktemp("trained")
+    params = tiny_train_params(head_epochs=8, finetune_epochs=1, early_stopping_patience=4)
+    result = train(learnable / "processed", out / "models", out / "reports", params)
+    metrics = evaluate(
+        Path(result.model_path),
+        learnable / "processed",
+        out / "reports",
+        out / "models",
+        EvaluateParams(bootstrap_resamples=200),
+    )
+    return out, result, metrics

@@ -18,17 +18,8 @@ from tests.support import PROJECT_ROOT, tiny_train_params
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(processed_dir, tmp_path_factory):
-    from tasks.train import train
-
-    out = tmp_path_factory.mktemp("trained")
-    result = train(processed_dir, out / "models", out / "reports", tiny_train_params(head_epochs=6, finetune_epochs=2))
-    return out, result
-
-
 def test_training_writes_model_history_and_info(trained):
-    out, result = trained
+    out, result, _ = trained
     assert Path(result.model_path).exists()
     history = pd.read_csv(result.history_path)
     assert history["epoch"].tolist() == list(range(1, len(history) + 1))
@@ -38,15 +29,12 @@ def test_training_writes_model_history_and_info(trained):
     assert not (out / "models" / "checkpoints").exists(), "checkpoints are removed after success"
 
 
-def test_trained_model_beats_the_majority_class_on_balanced_accuracy(trained, processed_dir):
-    from tasks.evaluate import evaluate
-
-    out, result = trained
-    metrics = evaluate(
-        Path(result.model_path), processed_dir, out / "reports", out / "models", EvaluateParams(bootstrap_resamples=200)
-    )
-    # The majority-class baseline has balanced accuracy 1/3 over the three levels.
-    assert metrics["balanced_accuracy"] > 0.45, metrics["balanced_accuracy"]
+def test_trained_model_beats_the_majority_class_on_balanced_accuracy(trained):
+    out, _, metrics = trained
+    # The majority-class baseline has balanced accuracy 1/3 over the three levels and no ranking skill.
+    assert metrics["balanced_accuracy"] > 0.6, metrics["balanced_accuracy"]
+    assert metrics["balanced_accuracy_ci95"][0] > 1 / 3
+    assert metrics["roc_auc_ovr"] > 0.75, metrics["roc_auc_ovr"]
     for name in ("confusion_matrix.png", "reliability.png", "training_curves.png", "metrics.json", "predictions.csv"):
         assert (out / "reports" / name).exists(), name
     point = json.loads((out / "models" / "operating_point.json").read_text())

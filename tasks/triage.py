@@ -1,0 +1,131 @@
+"""Triage scoring: a batch of new cases becomes a queue ranked by risk, with a recommended action.
+
+Every row is checked on its own (image readable, clinical fields valid); invalid rows are
+reported with their reasons and do not stop the others.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tasks.atomic import atomic_path
+from tasks.clinical import parse_age
+from tasks.errors import DataError, SkinriskError
+from tasks.images import load_image
+from tasks.schema import LOCALIZATIONS, RISK_LEVELS, SEXES
+
+REQUIRED_COLUMNS = ("image", "age", "sex", "localization")
+ACTIONS = {
+    "refer": "refer urgently (suspected melanoma)",
+    "moderate": "dermatology review within weeks",
+    "low": "routine monitoring",
+}
+
+
+@dataclass(frozen=True)
+class TriageSummary:
+    n_cases: int
+    n_scored: int
+    n_invalid: int
+    n_referred: int
+    queue_path: str
+    invalid_path: str | None
+    seconds_scoring: float
+
+
+def action_for(risk_level: str, refer: bool) -> str:
+    """The recommended action: the triage threshold decides referral, the level the rest."""
+    if refer:
+        return ACTIONS["refer"]
+    return ACTIONS["moderate"] if risk_level in ("moderate", "high") else ACTIONS["low"]
+
+
+def _check_row(row: pd.Series, images_dir: Path, image_size: int, missing_policy: str) -> tuple[np.ndarray, float]:
+    """The decoded image and parsed age of one case; raises DataError naming the field."""
+    if pd.isna(row["image"]) or not str(row["image"]).strip():
+        raise DataError("image: empty")
+    age = parse_age(row["age"], where="age")
+    if math.isnan(age) and missing_policy == "drop":
+        raise DataError("age: missing, and this model was trained without imputation")
+    if row["sex"] not in SEXES:
+        raise DataError(f"sex: {row['sex']!r} is not one of {list(SEXES)}")
+    if row["localization"] not in LOCALIZATIONS:
+        raise DataError(f"localization: {row['localization']!r} is not one of {list(LOCALIZATIONS)}")
+    path = Path(images_dir) / str(row["image"])
+    if not path.is_file():
+        raise DataError(f"image: {path} not found")
+    return load_image(path, image_size), age
+
+
+def triage(bundle, cases_csv: Path, images_dir: Path, out_csv: Path) -> TriageSummary:
+    """Score ``cases_csv`` (columns image, age, sex, localization; others kept) into a ranked queue.
+
+    Writes ``out_csv`` (valid cases, highest P(high) first, with p_low/p_moderate/p_high, the
+    risk level, whether the triage threshold refers it, and the action) and, when any row is
+    invalid, ``<out>.invalid.csv`` with each row's reasons. Both are written atomically.
+    """
+    import time
+
+    from tasks.evaluate import predict_risk
+
+    cases_csv, out_csv = Path(cases_csv), Path(out_csv)
+    if not cases_csv.is_file():
+        raise SkinriskError(f"cases file {cases_csv} not found")
+    cases = pd.read_csv(cases_csv, dtype={"image": str, "sex": str, "localization": str}, keep_default_na=True)
+    missing = [c for c in REQUIRED_COLUMNS if c not in cases.columns]
+    if missing:
+        raise SkinriskError(f"{cases_csv}: missing column(s) {missing}; a cases file has {list(REQUIRED_COLUMNS)}")
+    if bundle.operating_point is None:
+        raise SkinriskError("the model carries no triage threshold (models/operating_point.json): evaluate it first")
+    image_size = int(bundle.summary["image_size"])
+
+    images, ages, valid_rows, problems = [], [], [], []
+    for index, row in cases.iterrows():
+        try:
+            image, age = _check_row(row, Path(images_dir), image_size, bundle.encoder.missing_policy)
+        except DataError as exc:
+            problems.append({"row": int(index) + 2, "image": row.get("image"), "reason": str(exc)})  # file line
+            continue
+        images.append(image)
+        ages.append(age)
+        valid_rows.append(index)
+
+    started = time.perf_counter()
+    valid = cases.loc[valid_rows].copy()
+    if valid_rows:
+        valid["age"] = ages
+        probs = predict_risk(bundle, np.stack(images), bundle.encoder.transform(valid))
+    else:
+        probs = np.zeros((0, len(RISK_LEVELS)))
+    seconds = time.perf_counter() - started
+    threshold = float(bundle.operating_point["threshold"])
+    for i, level in enumerate(RISK_LEVELS):
+        valid[f"p_{level}"] = probs[:, i].round(4)
+    valid["risk_level"] = [RISK_LEVELS[i] for i in probs.argmax(axis=1)] if len(valid) else []
+    valid["refer"] = valid["p_high"] >= threshold if len(valid) else []
+    valid["action"] = [
+        action_for(level, refer) for level, refer in zip(valid["risk_level"], valid["refer"], strict=True)
+    ]
+    queue = valid.sort_values(["p_high", "p_moderate"], ascending=False, kind="stable")
+    queue.insert(0, "rank", range(1, len(queue) + 1))
+    with atomic_path(out_csv) as tmp:
+        queue.to_csv(tmp, index=False)
+    invalid_path = None
+    if problems:
+        invalid_path = out_csv.with_name(out_csv.stem + ".invalid.csv")
+        with atomic_path(invalid_path) as tmp:
+            pd.DataFrame(problems).to_csv(tmp, index=False)
+    return TriageSummary(
+        n_cases=len(cases),
+        n_scored=len(queue),
+        n_invalid=len(problems),
+        n_referred=int(queue["refer"].sum()) if len(queue) else 0,
+        queue_path=str(out_csv),
+        invalid_path=str(invalid_path) if invalid_path else None,
+        seconds_scoring=round(seconds, 3),
+    )

@@ -1,0 +1,123 @@
+"""Registry promotion on a real SQLite MLflow store: gates, aliases, rollback, triage from @champion."""
+
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.errors import SkinriskError
+from tasks.params import EvaluateParams, PromoteParams
+from tasks.schema import raw_image_path
+
+pytestmark = pytest.mark.slow
+
+# Loose absolute floors: the tiny test model is good but not a clinical one.
+GATES = PromoteParams(min_high_risk_recall=0.5, max_ece=0.35, min_balanced_accuracy=0.4, bootstrap_resamples=100)
+
+
+def _register(model_path: Path, processed: Path, model_dir: Path) -> str:
+    from tasks.register import register_model
+    from tasks.tracking import start_run
+
+    run_id = start_run("test", {}, {"data_version": "test"})
+    return register_model(model_path, processed, model_dir / "operating_point.json", run_id).version
+
+
+def _always_low_model(trained_model: Path, processed: Path, out: Path) -> Path:
+    """The trained network with its output layer overwritten: it predicts "low" for every case."""
+    from tasks.evaluate import evaluate
+
+    model = keras.models.load_model(trained_model, compile=False)
+    head = model.get_layer("fusion_head").get_layer("probabilities")
+    kernel, bias = head.get_weights()
+    head.set_weights([np.zeros_like(kernel), np.array([4.0, 0.0, 0.0], dtype=bias.dtype)])
+    out.mkdir(parents=True)
+    model.save(out / "model.keras")
+    evaluate(out / "model.keras", processed, out / "reports", out, EvaluateParams(bootstrap_resamples=100))
+    return out / "model.keras"
+
+
+def test_promotion_gates_aliases_and_rollback(trained, learnable, mlflow_store, tmp_path):
+    from tasks.promote import promote, registry_table, rollback
+    from tasks.tracking import client
+
+    out, result, _ = trained
+    processed, raw = learnable / "processed", learnable / "raw"
+    registry = client()
+
+    first = _register(Path(result.model_path), processed, out / "models")
+    decision = promote(processed, raw, GATES)
+    assert decision.promoted and decision.champion_version is None, decision.summary()
+    assert registry.get_model_version_by_alias("skinrisk", "champion").version == first
+
+    worse = _always_low_model(Path(result.model_path), processed, tmp_path / "worse")
+    second = _register(worse, processed, worse.parent)
+    decision = promote(processed, raw, GATES)
+    assert not decision.promoted, "a worse model must never be promoted"
+    assert decision.challenger_figures["balanced_accuracy"] == pytest.approx(1 / 3)
+    assert registry.get_model_version_by_alias("skinrisk", "champion").version == first
+    tags = registry.get_model_version("skinrisk", second).tags
+    assert tags["promotion.decision"] == "rejected" and "FAIL" in tags["promotion.reasons"]
+
+    third = _register(Path(result.model_path), processed, out / "models")
+    decision = promote(processed, raw, GATES)
+    assert decision.promoted, decision.summary()
+    assert registry.get_model_version_by_alias("skinrisk", "champion").version == third
+    assert registry.get_model_version_by_alias("skinrisk", "previous").version == first
+
+    table = registry_table()
+    assert table["version"].tolist() == [int(third), int(second), int(first)]
+    assert "champion" in table.loc[0, "aliases"]
+
+    assert rollback() == (third, first)
+    assert registry.get_model_version_by_alias("skinrisk", "champion").version == first
+    with pytest.raises(SkinriskError, match="no @previous"):
+        rollback()
+
+
+def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, mlflow_store, tmp_path):
+    from tasks.evaluate import load_bundle
+    from tasks.promote import promote
+    from tasks.triage import ACTIONS, triage
+
+    out, result, _ = trained
+    processed, raw = learnable / "processed", learnable / "raw"
+    _register(Path(result.model_path), processed, out / "models")
+    assert promote(processed, raw, GATES).promoted
+
+    images = tmp_path / "incoming"
+    images.mkdir()
+    cases = pd.read_csv(processed / "cases.csv").query("split == 'test'").head(12)
+    for image_id in cases["image_id"]:
+        shutil.copy(raw_image_path(raw, image_id), images / f"{image_id}.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff broken")
+    rows = [
+        {"case": image_id, "image": f"{image_id}.jpg", "age": age, "sex": sex, "localization": site}
+        for image_id, age, sex, site in cases[["image_id", "age", "sex", "localization"]].itertuples(index=False)
+    ]
+    rows += [
+        {"case": "missing", "image": "nowhere.jpg", "age": 50, "sex": "male", "localization": "back"},
+        {"case": "site", "image": rows[0]["image"], "age": 50, "sex": "male", "localization": "elbow"},
+        {"case": "old", "image": rows[0]["image"], "age": 130, "sex": "male", "localization": "back"},
+        {"case": "corrupt", "image": "broken.jpg", "age": 50, "sex": "female", "localization": "back"},
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "cases.csv", index=False)
+
+    bundle = load_bundle("models:/skinrisk@champion", processed, Path())
+    summary = triage(bundle, tmp_path / "cases.csv", images, tmp_path / "queue.csv")
+    assert (summary.n_cases, summary.n_scored, summary.n_invalid) == (16, 12, 4)
+    queue = pd.read_csv(tmp_path / "queue.csv")
+    assert queue["rank"].tolist() == list(range(1, 13))
+    assert queue["p_high"].is_monotonic_decreasing
+    np.testing.assert_allclose(queue[["p_low", "p_moderate", "p_high"]].sum(axis=1), 1.0, atol=1e-3)
+    threshold = json.loads((out / "models" / "operating_point.json").read_text())["threshold"]
+    assert (queue["refer"] == (queue["p_high"] >= threshold - 1e-4)).all()
+    assert set(queue["action"]) <= set(ACTIONS.values())
+    invalid = pd.read_csv(summary.invalid_path).set_index("row")
+    reasons = " | ".join(invalid["reason"])
+    for fragment in ("nowhere.jpg not found", "'elbow' is not one of", "130 is outside", "cannot decode image"):
+        assert fragment in reasons, reasons
