@@ -35,8 +35,7 @@ TEST_DOI = "doi:10.5072/FK2/TEST01"
 PART_1, PART_2, METADATA_ID, ISIC_TEST_ID = 101, 102, 103, 104
 
 METADATA_CSV = (
-    b"lesion_id,image_id,dx,dx_type,age,sex,localization\n"
-    b"HAM_0000118,ISIC_0027419,bkl,histo,80.0,male,scalp\n"
+    b"lesion_id,image_id,dx,dx_type,age,sex,localization\nHAM_0000118,ISIC_0027419,bkl,histo,80.0,male,scalp\n"
 )
 # What Dataverse serves for an ingested table without ?format=original: a different file.
 METADATA_TAB = (
@@ -129,9 +128,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, json.dumps({"status": "ERROR", "message": "scripted"}).encode())
             return
         if parts.path == "/api/datasets/:persistentId/":
-            if query.get("persistentId") != [TEST_DOI] and query.get("persistentId") != [
-                HAM10000_DOI
-            ]:
+            if query.get("persistentId") != [TEST_DOI] and query.get("persistentId") != [HAM10000_DOI]:
                 entry["status"] = 404
                 self._send(404, b'{"status":"ERROR","message":"Dataset not found"}')
                 return
@@ -215,9 +212,7 @@ def dataverse() -> Iterator[FakeDataverse]:
     server = _Server(("127.0.0.1", 0), _Handler)
     server.state = state
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     try:
         yield state
@@ -294,9 +289,7 @@ def test_ham10000_manifest_is_cross_checked_against_the_pinned_release(
     assert sorted(names) == sorted(p.name for p in PINNED_FILES)
 
     entries[1]["dataFile"]["checksum"]["value"] = "0" * 32
-    with pytest.raises(
-        DataError, match=r"md5 0{32}.*pins has md5 4639bfa73ab251610530a97c898e6e46.*re-published"
-    ):
+    with pytest.raises(DataError, match=r"md5 0{32}.*pins has md5 4639bfa73ab251610530a97c898e6e46.*re-published"):
         fetch_manifest(dataverse.url, HAM10000_DOI)
 
 
@@ -312,9 +305,7 @@ def test_pinned_manifest_uses_the_dataverse_file_ids() -> None:
 # --- downloading --------------------------------------------------------------------------
 
 
-def test_full_download_writes_the_dataverse_layout(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_full_download_writes_the_dataverse_layout(dataverse: FakeDataverse, tmp_path: Path) -> None:
     dest = tmp_path / "ham10000"
 
     assert download_ham10000(dest, base_url=dataverse.url, doi=TEST_DOI, progress=False) == dest
@@ -330,9 +321,7 @@ def test_full_download_writes_the_dataverse_layout(
     assert not dataverse.requests_for(ISIC_TEST_ID)
 
 
-def test_files_already_present_are_not_downloaded_again(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_files_already_present_are_not_downloaded_again(dataverse: FakeDataverse, tmp_path: Path) -> None:
     download_ham10000(tmp_path, base_url=dataverse.url, doi=TEST_DOI, progress=False)
     file_requests = len([r for r in dataverse.log if "datafile" in str(r["path"])])
     assert file_requests == 3
@@ -342,9 +331,7 @@ def test_files_already_present_are_not_downloaded_again(
     assert len([r for r in dataverse.log if "datafile" in str(r["path"])]) == file_requests
 
 
-def test_a_present_file_with_the_wrong_checksum_is_replaced(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_a_present_file_with_the_wrong_checksum_is_replaced(dataverse: FakeDataverse, tmp_path: Path) -> None:
     remote = _remote(dataverse, PART_1)
     (tmp_path / remote.name).write_bytes(b"\0" * remote.size)
 
@@ -354,9 +341,7 @@ def test_a_present_file_with_the_wrong_checksum_is_replaced(
     assert len(dataverse.requests_for(PART_1)) == 1
 
 
-def test_an_interrupted_download_resumes_with_a_range_request(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_an_interrupted_download_resumes_with_a_range_request(dataverse: FakeDataverse, tmp_path: Path) -> None:
     remote = _remote(dataverse, PART_1)
     content = dataverse.files[PART_1].content
     half = len(content) // 2
@@ -370,9 +355,7 @@ def test_an_interrupted_download_resumes_with_a_range_request(
     assert not (tmp_path / f"{remote.name}.part").exists()
 
 
-def test_a_server_that_ignores_range_restarts_from_zero(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_a_server_that_ignores_range_restarts_from_zero(dataverse: FakeDataverse, tmp_path: Path) -> None:
     dataverse.ignore_range = True
     remote = _remote(dataverse, PART_1)
     content = dataverse.files[PART_1].content
@@ -386,15 +369,11 @@ def test_a_server_that_ignores_range_restarts_from_zero(
     assert (request["range"], request["status"]) == ("bytes=400-", 200)
 
 
-def test_a_corrupted_download_raises_and_leaves_nothing_behind(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_a_corrupted_download_raises_and_leaves_nothing_behind(dataverse: FakeDataverse, tmp_path: Path) -> None:
     published = dataverse.files[PART_2].content
     served = bytearray(published)
     served[1000] ^= 0xFF  # same size, one byte flipped on the way
-    dataverse.files[PART_2] = Served(
-        "HAM10000_images_part_2.zip", bytes(served), listed_md5=_md5(published)
-    )
+    dataverse.files[PART_2] = Served("HAM10000_images_part_2.zip", bytes(served), listed_md5=_md5(published))
     remote = next(f for f in fetch_manifest(dataverse.url, TEST_DOI) if f.name.endswith("2.zip"))
 
     with pytest.raises(DataError) as raised:
@@ -408,9 +387,7 @@ def test_a_corrupted_download_raises_and_leaves_nothing_behind(
     assert not (tmp_path / "HAM10000_images_part_2.zip.part").exists()
 
 
-def test_a_complete_part_file_is_verified_without_a_request(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_a_complete_part_file_is_verified_without_a_request(dataverse: FakeDataverse, tmp_path: Path) -> None:
     remote = _remote(dataverse, PART_1)
     (tmp_path / f"{remote.name}.part").write_bytes(dataverse.files[PART_1].content)
 
@@ -470,9 +447,7 @@ def test_a_connection_dropped_mid_body_resumes(dataverse: FakeDataverse, tmp_pat
     assert second["status"] == 206
 
 
-def test_ham10000_falls_back_to_the_pinned_list_when_the_api_is_down(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_ham10000_falls_back_to_the_pinned_list_when_the_api_is_down(dataverse: FakeDataverse, tmp_path: Path) -> None:
     dataverse.scripted_statuses["/api/datasets/:persistentId/"] = [500] * 10
 
     # The fake serves none of the pinned ids, so the first file then fails with a 404.
@@ -483,9 +458,7 @@ def test_ham10000_falls_back_to_the_pinned_list_when_the_api_is_down(
     assert [r["status"] for r in dataverse.log[:4]] == [500] * 4  # first try and 3 retries
 
 
-def test_retries_that_make_progress_do_not_use_up_the_budget(
-    dataverse: FakeDataverse, tmp_path: Path
-) -> None:
+def test_retries_that_make_progress_do_not_use_up_the_budget(dataverse: FakeDataverse, tmp_path: Path) -> None:
     content = dataverse.files[PART_1].content
     dataverse.drop_after[PART_1] = [5_000, 5_000, 5_000]
     remote = _remote(dataverse, PART_1)
