@@ -92,7 +92,7 @@ def trained(learnable, tmp_path_factory):
     from tests.support import tiny_train_params
 
     out = tmp_path_factory.mktemp("trained")
-    params = tiny_train_params(head_epochs=8, finetune_epochs=1, early_stopping_patience=4)
+    params = tiny_train_params(head_epochs=12, finetune_epochs=1, early_stopping_patience=5)
     result = train(learnable / "processed", out / "models", out / "reports", params)
     metrics = evaluate(
         Path(result.model_path),

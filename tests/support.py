@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = PROJECT_ROOT.parent / "shared" / "data" / "ham10000-200px"
 IMAGENET_CACHE = PROJECT_ROOT.parent / "shared" / "weights" / "keras"
@@ -29,3 +31,31 @@ def tiny_train_params(**overrides):
     )
     values.update(overrides)
     return TrainParams(**values)
+
+
+# A pipeline small enough to run end to end in about a minute on two cores.
+TINY = {
+    "data": {"synthetic_images": 160, "synthetic_width": 96, "synthetic_height": 72},
+    "validate": {"min_image_side": 16},
+    "preprocess": {"image_size": 32, "workers": 1},
+    "train": {
+        "weights": "none",
+        "alpha": 0.35,
+        "image_units": 16,
+        "clinical_units": 8,
+        "fusion_units": 16,
+        "head_epochs": 2,
+        "finetune_epochs": 1,
+        "learning_rate": 0.003,
+    },
+    "evaluate": {"bootstrap_resamples": 100},
+}
+
+
+def tiny_params_file(path: Path) -> Path:
+    """The project's params.yaml with TINY applied, written to ``path``."""
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

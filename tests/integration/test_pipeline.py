@@ -12,36 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.support import PROJECT_ROOT
+from tests.support import PROJECT_ROOT, tiny_params_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-TINY = {
-    "data": {"synthetic_images": 160, "synthetic_width": 96, "synthetic_height": 72},
-    "validate": {"min_image_side": 16},
-    "preprocess": {"image_size": 32, "workers": 1},
-    "train": {
-        "weights": "none",
-        "alpha": 0.35,
-        "image_units": 16,
-        "clinical_units": 8,
-        "fusion_units": 16,
-        "head_epochs": 2,
-        "finetune_epochs": 1,
-        "learning_rate": 0.003,
-    },
-    "evaluate": {"bootstrap_resamples": 100},
-}
-
-
-def _tiny_params(path: Path) -> Path:
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
 
 
 def _assert_registered(uri: str, run_id: str | None = None) -> None:
@@ -66,7 +40,7 @@ def test_prefect_flow_runs_end_to_end_and_registers_a_challenger(tmp_path, monke
 
     from flows.training import training_pipeline
 
-    params = _tiny_params(tmp_path / "params.yaml")
+    params = tiny_params_file(tmp_path / "params.yaml")
     with prefect_test_harness(server_startup_timeout=120):
         result = training_pipeline(params_file=str(params))
     assert result["data"] == "synthetic"
@@ -83,7 +57,7 @@ def test_dvc_repro_runs_the_same_stages_and_reruns_only_what_changed(tmp_path, m
     for name in ("dvc.yaml", "tasks"):
         source = PROJECT_ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
-    params = _tiny_params(project / "params.yaml")
+    params = tiny_params_file(project / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(PROJECT_ROOT)}
 
     def run(*command: str) -> str:
