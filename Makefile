@@ -48,7 +48,8 @@ lint: $(STAMP) ## ruff lint and format check
 format: $(STAMP) ## ruff format
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
-repro: $(STAMP) ## dvc repro with the venv on PATH (needs imported data: `make run` or `skinrisk data import`)
+repro: $(STAMP) ## dvc repro with the venv on PATH (imports the synthetic sample if no data was imported)
+	$(BIN)/skinrisk data ensure
 	$(BIN)/dvc repro
 
 mlflow-ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:5000 for the local SQLite store

@@ -56,6 +56,13 @@ def cmd_data_import(args: argparse.Namespace) -> None:
         print(f"DVC now tracks {args.raw_dir} (commit {args.raw_dir}.dvc to version this data)")
 
 
+def cmd_data_ensure(args: argparse.Namespace) -> None:
+    from tasks.ingest import ensure_imported
+
+    source = ensure_imported(Path(args.raw_dir), paths.SYNTHETIC_DIR, _params(args).data)
+    print(f"{args.raw_dir} holds {source} data")
+
+
 def cmd_data_download(args: argparse.Namespace) -> None:
     from tasks.download import DATAVERSE_URL, download_ham10000
 
@@ -302,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--force", action="store_true", help="replace an existing import")
         sub.add_argument("--no-dvc", action="store_true", help="do not `dvc add` the imported data")
+
+    ensure = add(
+        "ensure",
+        cmd_data_ensure,
+        "import the synthetic sample into data/raw unless data was imported already",
+        data_commands,
+    )
+    ensure.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
 
     validate = add("validate", cmd_validate, "check the imported metadata and images (Great Expectations)")
     validate.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")

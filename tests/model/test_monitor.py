@@ -28,8 +28,12 @@ DEPLOYMENT = MonitorParams().retrain_deployment
 
 
 @pytest.fixture(autouse=True)
-def no_prefect_api():
-    """No test may reach a real Prefect server (and trigger a real retraining) from a developer's env."""
+def no_prefect_api(request):
+    """No test may reach a real Prefect server (and trigger a real retraining) from a developer's env;
+    only the flow test talks to Prefect, through the test harness's temporary server."""
+    if "prefect_api" in request.fixturenames:
+        yield
+        return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
@@ -108,14 +112,18 @@ def test_without_a_prefect_api_retraining_reports_no_deployment():
 
 
 @pytest.fixture(scope="module")
-def model_path(processed_dir, tmp_path_factory) -> Path:
+def tiny_model(processed_dir):
     from tasks.clinical import ClinicalEncoder
     from tasks.model import build_model
 
     encoder = ClinicalEncoder.load(processed_dir / "encoder.json")
-    model = build_model(32, encoder.n_features, 3, tiny_train_params())
+    return build_model(32, encoder.n_features, 3, tiny_train_params())
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("monitor-model") / "model.keras"
-    model.save(path)
+    tiny_model.save(path)
     return path
 
 
@@ -128,11 +136,11 @@ def reference_path(model_path, processed_dir, raw_dir, tmp_path_factory) -> Path
 
 
 @pytest.fixture(scope="module")
-def bundle(reference_path, model_path):
-    from tasks.model import load_model
+def bundle(reference_path, tiny_model):
+    """The model in memory (the same weights as the saved file), with the profile's encoder."""
     from tasks.monitor import ReferenceProfile
 
-    return ReferenceProfile.load(reference_path).bundle(load_model(model_path))
+    return ReferenceProfile.load(reference_path).bundle(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +220,7 @@ SHIFTS = {
 
 
 @pytest.mark.slow
-def test_reference_profile_describes_one_training_image_per_lesion(reference_path, processed_dir, model_path):
-    from tasks.model import load_model
+def test_reference_profile_describes_one_training_image_per_lesion(reference_path, processed_dir, tiny_model):
     from tasks.monitor import ReferenceProfile, model_fingerprint
 
     profile = ReferenceProfile.load(reference_path)
@@ -230,18 +237,18 @@ def test_reference_profile_describes_one_training_image_per_lesion(reference_pat
     assert set(table["predicted_level"]) <= {"low", "moderate", "high"}
     np.testing.assert_allclose(table["age"].to_numpy(), cases.loc[table["image_id"], "age"].to_numpy())
     assert profile.pca.components.shape == (5, 1280)
-    assert profile.meta["model_fingerprint"] == model_fingerprint(load_model(model_path))
+    assert profile.meta["model_fingerprint"] == model_fingerprint(tiny_model), "saving keeps the weights"
     assert profile.image_size == 32 and profile.encoder.missing_policy == "drop"
 
 
 @pytest.mark.slow
-def test_same_distribution_raises_no_alarm_and_is_logged(reference_path, model_path, batches, tmp_path, mlflow_store):
+def test_same_distribution_raises_no_alarm_and_is_logged(reference_path, bundle, batches, tmp_path, mlflow_store):
     from mlflow.tracking import MlflowClient
 
     from tasks.monitor import MONITORING_EXPERIMENT
 
     out = tmp_path / "monitoring"
-    summary = _monitor(reference_path, model_path, batches / "same", out, track=True, retrain=True)
+    summary = _monitor(reference_path, bundle, batches / "same", out, track=True, retrain=True)
     assert not summary["alarm"], summary["reason"]
     assert summary["drifted_share"] < MonitorParams().drift_share
     assert not summary["groups"]["clinical"]["drifted_columns"], "same population: no clinical drift"
@@ -356,6 +363,7 @@ def prefect_api():
 
 
 @pytest.mark.slow
+@pytest.mark.integration  # a temporary Prefect server on loopback, as tests/integration
 def test_the_flow_publishes_the_drift_and_finds_no_deployment(
     prefect_api, reference_path, model_path, batches, tmp_path, mlflow_store
 ):
@@ -363,6 +371,7 @@ def test_the_flow_publishes_the_drift_and_finds_no_deployment(
     from prefect.client.orchestration import get_client
 
     from flows.monitoring import monitoring_flow
+    from tasks.params import load_params
 
     params_file = tmp_path / "params.yaml"
     shutil.copy(PROJECT_ROOT / "params.yaml", params_file)
@@ -377,7 +386,8 @@ def test_the_flow_publishes_the_drift_and_finds_no_deployment(
     assert result["alarm"] and result["drifted_columns"]
     message = result["retraining"]["message"]
     assert not result["retraining"]["triggered"]
-    assert message.startswith(f"no deployment named '{DEPLOYMENT}' is deployed on the Prefect API"), message
+    deployment = load_params(params_file).monitor.retrain_deployment
+    assert message.startswith(f"no deployment named '{deployment}' is deployed on the Prefect API"), message
     run = MlflowClient(mlflow_store).get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["retraining"] == "not triggered"
     assert run.data.tags["retraining_message"] == message
