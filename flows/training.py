@@ -10,6 +10,7 @@ from prefect import flow
 
 from tasks import paths
 from tasks import prefect_tasks as t
+from tasks.workspace_lock import workspace_lock
 
 
 @flow(name="skinrisk-training", log_prints=True)
@@ -22,17 +23,23 @@ def training_pipeline(
     reports_dir: str = str(paths.REPORTS_DIR),
     synthetic_dir: str = str(paths.SYNTHETIC_DIR),
 ) -> dict:
-    """Train, evaluate and register a challenger; returns the headline test figures."""
+    """Train, evaluate and register a challenger; returns the headline test figures.
+
+    A second run writing the same output folders at the same time is refused (tasks/workspace_lock.py),
+    and an unreachable MLflow server stops the run before any data is touched.
+    """
     overrides = list(overrides or [])
-    source = t.ensure_data(raw_dir, synthetic_dir, params_file, overrides)
-    t.validate(raw_dir, reports_dir, params_file, overrides)
-    t.preprocess(raw_dir, processed_dir, reports_dir, params_file, overrides)
-    run_id = t.start_tracking(raw_dir, reports_dir, params_file, overrides, source)
-    try:
-        model_path = t.train(processed_dir, model_dir, reports_dir, params_file, overrides, run_id)
-        metrics = t.evaluate(model_path, processed_dir, reports_dir, model_dir, params_file, overrides, run_id)
-        model_uri = t.register(model_path, processed_dir, model_dir, reports_dir, run_id)
-    except BaseException:
-        t.finish_tracking(run_id, "FAILED")
-        raise
+    with workspace_lock([processed_dir, model_dir, reports_dir], owner="the Prefect flow skinrisk-training"):
+        t.check_tracking()
+        source = t.ensure_data(raw_dir, synthetic_dir, params_file, overrides)
+        t.validate(raw_dir, reports_dir, params_file, overrides)
+        t.preprocess(raw_dir, processed_dir, reports_dir, params_file, overrides)
+        run_id = t.start_tracking(raw_dir, reports_dir, params_file, overrides, source)
+        try:
+            model_path = t.train(processed_dir, model_dir, reports_dir, params_file, overrides, run_id)
+            metrics = t.evaluate(model_path, processed_dir, reports_dir, model_dir, params_file, overrides, run_id)
+            model_uri = t.register(model_path, processed_dir, model_dir, reports_dir, run_id)
+        except BaseException:
+            t.finish_tracking(run_id, "FAILED")
+            raise
     return {"run_id": run_id, "model_uri": model_uri, "data": source, **metrics}

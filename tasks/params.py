@@ -49,6 +49,12 @@ class PreprocessParams(_Section):
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 42
     workers: int = Field(0, ge=0, description="image-decoding processes; 0 means one per core")
+    executor: Literal["processes", "dask"] = Field(
+        "processes", description="where image-decoding shards run: local processes, or a Dask cluster"
+    )
+    dask_address: str = Field(
+        "", description="Dask scheduler, e.g. tcp://10.0.0.5:8786; empty: a local cluster of `workers` processes"
+    )
     risk_map: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "high": ["mel"],
@@ -114,6 +120,9 @@ class TrainParams(_Section):
     early_stopping_patience: int = Field(3, ge=1)
     steps_per_epoch: int = Field(0, ge=0, description="0: the whole training split each epoch")
     seed: int = 42
+    distribution: Literal["none", "mirrored"] = Field(
+        "none", description="mirrored: replicate training over the visible GPUs (tasks/distribution.py)"
+    )
     augment: AugmentParams = AugmentParams()
 
     @field_validator("weights")

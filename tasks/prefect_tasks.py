@@ -20,6 +20,28 @@ def _params(params_file: str, overrides: list[str]) -> Params:
     return load_params(params_file, overrides)
 
 
+def retry_unless_unreachable(task, task_run, state) -> bool:
+    """Retry a failed tracking task, except when the server is down: that fails the run at once."""
+    from tasks.tracking import TrackingUnavailable
+
+    try:
+        state.result()
+    except TrackingUnavailable:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="check-tracking", cache_policy=NO_CACHE)
+def check_tracking() -> str:
+    """Fail fast, before any data is touched, when the MLflow tracking server cannot be reached."""
+    from tasks.tracking import check_reachable, tracking_uri
+
+    check_reachable()
+    return tracking_uri()
+
+
 @task(name="ensure-data", cache_policy=NO_CACHE)
 def ensure_data(raw_dir: str, synthetic_dir: str, params_file: str, overrides: list[str]) -> str:
     from tasks.ingest import ensure_imported
@@ -50,7 +72,13 @@ def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params_file: 
     return processed_dir
 
 
-@task(name="start-tracking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    name="start-tracking",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_unreachable,
+)
 def start_tracking(raw_dir: str, reports_dir: str, params_file: str, overrides: list[str], source: str) -> str:
     from tasks.runs import start_pipeline_run
 

@@ -14,10 +14,9 @@ Everything is staged and moved in at once, so a failure leaves the previous outp
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from tasks.ingest import read_raw_metadata
 from tasks.metadata import require_columns
 from tasks.params import PreprocessParams
 from tasks.schema import DIAGNOSES, RAW_METADATA_FILE, RISK_LEVELS, raw_image_path
+from tasks.shards import Executor, map_shards
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 ENCODER_FILE = "encoder.json"
@@ -105,24 +105,35 @@ def _decode_chunk(paths: list[str], size: int) -> np.ndarray:
     return np.stack([load_image(Path(p), size) for p in paths])
 
 
-def decode_images(paths: list[Path], size: int, workers: int = 0) -> np.ndarray:
-    """Decode and resize ``paths`` into one uint8 array, in parallel over processes."""
-    workers = workers or os.cpu_count() or 1
+def decode_images(
+    paths: list[Path],
+    size: int,
+    workers: int = 0,
+    executor: Executor = "processes",
+    dask_address: str = "",
+) -> np.ndarray:
+    """Decode and resize ``paths`` into one uint8 array, in parallel shards.
+
+    The shards run in local processes (``workers``; 0: one per core, 1: here) or, with
+    ``executor="dask"``, on a Dask cluster (``dask_address``, or a local one of ``workers``
+    processes); the array is the same byte for byte either way (see ``tasks.shards``).
+    """
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     if not paths:
         return out
-    if workers == 1:
+    n_workers = workers or os.cpu_count() or 1
+    if executor == "processes" and n_workers == 1:
         for i, path in enumerate(paths):
             out[i] = load_image(path, size)
         return out
-    chunk = max(16, min(256, len(paths) // (workers * 4) or 1))
+    chunk = max(16, min(256, len(paths) // (n_workers * 4) or 1))
     starts = range(0, len(paths), chunk)
-    # spawn, not fork: the flow may already have TensorFlow (and its threads) loaded.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        chunks = [[str(p) for p in paths[s : s + chunk]] for s in starts]
-        for start, block in zip(starts, pool.map(_decode_chunk, chunks, [size] * len(chunks)), strict=True):
-            out[start : start + len(block)] = block
+    chunks = [[str(p) for p in paths[s : s + chunk]] for s in starts]
+    blocks = map_shards(
+        partial(_decode_chunk, size=size), chunks, executor=executor, workers=workers, dask_address=dask_address
+    )
+    for start, block in zip(starts, blocks, strict=True):
+        out[start : start + len(block)] = block
     return out
 
 
@@ -150,7 +161,9 @@ def preprocess(
 
     paths = [raw_image_path(raw_dir, image_id) for image_id in frame["image_id"]]
     started = time.perf_counter()
-    images = decode_images(paths, params.image_size, params.workers)
+    images = decode_images(
+        paths, params.image_size, params.workers, executor=params.executor, dask_address=params.dask_address
+    )
     seconds_decoding = time.perf_counter() - started
 
     risk_index = {level: i for i, level in enumerate(RISK_LEVELS)}

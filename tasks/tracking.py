@@ -2,16 +2,32 @@
 
 MLflow's active run is thread-local and Prefect runs tasks in worker threads, so nothing here
 uses ``mlflow.start_run``'s global state: every call names its run.
+
+A tracking server is checked before a run starts (a short request to its health endpoint: MLflow's
+own client would retry a dead server for minutes), so a down server stops a pipeline before any
+training. Once a run is open, a server that drops loses nothing: metrics and artifacts that cannot
+be sent after a few quick retries are appended to the run's spool (``.mlflow-spool/<run_id>/``,
+``SKINRISK_TRACKING_SPOOL`` moves it) and sent, in order, by the next successful call for that run
+or at :func:`end_run`; :func:`flush_spool` sends them by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import os
+import shutil
+import socket
 import subprocess
-from collections.abc import Mapping
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tasks.errors import SkinriskError
 
@@ -19,6 +35,19 @@ EXPERIMENT = "skinrisk"
 MODEL_NAME = "skinrisk"
 DEFAULT_DB = Path("mlflow.db")
 DEFAULT_ARTIFACTS = Path("mlartifacts")
+DEFAULT_SPOOL = Path(".mlflow-spool")
+SPOOL_FILE = "pending.jsonl"
+CHECK_TIMEOUT_S = 5.0  # SKINRISK_TRACKING_CHECK_TIMEOUT overrides
+RETRY_DELAYS_S = (1.0, 2.0)  # between the attempts of one logging call before it spools
+REQUEST_TIMEOUT_S = 30  # per HTTP request while logging (MLflow's default is 120 s)
+_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+log = logging.getLogger(__name__)
+_lock = threading.RLock()  # one logging call (and its spool) at a time in this process
+
+
+class TrackingUnavailable(SkinriskError):
+    """The tracking server cannot be reached: down, wrong address, or the network."""
 
 
 def tracking_uri() -> str:
@@ -37,8 +66,43 @@ def client():
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _unreachable(uri: str, reason: str) -> TrackingUnavailable:
+    return TrackingUnavailable(
+        f"MLflow tracking at {uri} is unreachable ({reason}): start the server (`make servers`, see the "
+        "README's Team deployment) or unset MLFLOW_TRACKING_URI to track in the local SQLite store"
+    )
+
+
+def check_reachable(uri: str | None = None, timeout: float | None = None) -> None:
+    """Raise :class:`TrackingUnavailable` unless the tracking store answers within ``timeout`` seconds.
+
+    An HTTP server must answer its ``/health`` endpoint (any answer but a 5xx from a proxy counts);
+    a database URI must accept a TCP connection; local stores (SQLite, files) are not checked.
+    """
+    import requests
+
+    uri = uri or tracking_uri()
+    if timeout is None:
+        timeout = float(os.environ.get("SKINRISK_TRACKING_CHECK_TIMEOUT", CHECK_TIMEOUT_S))
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+")[0]
+    if scheme in ("http", "https"):
+        try:
+            answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+        except requests.RequestException as exc:
+            raise _unreachable(uri, f"{type(exc).__name__}, within {timeout:g} s") from exc
+        if answer.status_code >= 500:
+            raise _unreachable(uri, f"its health check answered HTTP {answer.status_code}")
+    elif scheme in _DATABASE_PORTS and parts.hostname:
+        try:
+            socket.create_connection((parts.hostname, parts.port or _DATABASE_PORTS[scheme]), timeout=timeout).close()
+        except OSError as exc:
+            raise _unreachable(uri, f"{exc.strerror or exc}, within {timeout:g} s") from exc
+
+
 def experiment_id(name: str = EXPERIMENT) -> str:
     """The experiment's id, creating it (artifacts under ``mlartifacts/`` for a local store)."""
+    check_reachable()
     mlflow_client = client()
     try:
         existing = mlflow_client.get_experiment_by_name(name)
@@ -74,9 +138,13 @@ def git_tags() -> dict[str, str]:
 
 
 def start_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], experiment: str = EXPERIMENT) -> str:
-    """Create a run with its flattened params and tags; returns the run id."""
+    """Create a run with its flattened params and tags; returns the run id.
+
+    Fails fast with :class:`TrackingUnavailable` when the tracking server cannot be reached.
+    """
     from mlflow.entities import Param
 
+    check_reachable()
     mlflow_client = client()
     run = mlflow_client.create_run(experiment_id(experiment), run_name=run_name, tags={**git_tags(), **tags})
     entries = [Param(key, str(value)[:6000]) for key, value in params.items()]
@@ -100,26 +168,180 @@ def numeric_metrics(payload: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
-    """Log a (possibly nested) metrics dict to the run."""
-    import time
-
-    from mlflow.entities import Metric
-
+    """Log a (possibly nested) metrics dict to the run; spooled if the server cannot take it."""
     timestamp = int(time.time() * 1000)
-    entries = [Metric(k, v, timestamp, step or 0) for k, v in numeric_metrics(metrics).items()]
-    mlflow_client = client()
-    for start in range(0, len(entries), 1000):
-        mlflow_client.log_batch(run_id, metrics=entries[start : start + 1000])
+    entries = [[k, v, timestamp, step or 0] for k, v in numeric_metrics(metrics).items()]
+    _deliver(run_id, [{"kind": "metrics", "metrics": entries[s : s + 1000]} for s in range(0, len(entries), 1000)])
 
 
 def log_artifacts(run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
-    """Upload files (or whole folders) that exist; missing ones are skipped."""
-    mlflow_client = client()
-    for path in map(Path, paths):
-        if path.is_dir():
-            mlflow_client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
-        elif path.is_file():
-            mlflow_client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+    """Upload files (or whole folders) that exist; missing ones are skipped. Spooled (copied) if the
+    server cannot take them."""
+    records = [
+        {"kind": "artifact", "local": str(path.resolve()), "artifact_path": artifact_path}
+        for path in map(Path, paths)
+        if path.is_dir() or path.is_file()
+    ]
+    _deliver(run_id, records)
+
+
+# --- delivery with retries, and the spool -------------------------------------------------------
+
+
+def spool_dir(run_id: str) -> Path:
+    """The folder keeping what could not be sent to run ``run_id`` yet."""
+    return Path(os.environ.get("SKINRISK_TRACKING_SPOOL") or DEFAULT_SPOOL).resolve() / run_id
+
+
+def pending(run_id: str) -> int:
+    """How many spooled records of the run are waiting to be sent."""
+    path = spool_dir(run_id) / SPOOL_FILE
+    return len(_read_records(path)) if path.exists() else 0
+
+
+@contextlib.contextmanager
+def _http_limits(max_retries: int = 0, timeout: int = REQUEST_TIMEOUT_S) -> Iterator[None]:
+    """Bound MLflow's own HTTP retries (7, with backoff: minutes) while we retry and spool ourselves.
+
+    MLflow reads these variables at each request; the module lock keeps the change to our calls.
+    """
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed call may succeed later (server down or overloaded), so it is worth keeping."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):  # connection errors and timeouts arrive as INTERNAL_ERROR
+        return exc.get_http_status_code() >= 500 or exc.error_code in (
+            "TEMPORARILY_UNAVAILABLE",
+            "REQUEST_LIMIT_EXCEEDED",
+        )
+    if isinstance(exc, requests.HTTPError):  # proxied artifact uploads
+        return exc.response is None or exc.response.status_code >= 500
+    return isinstance(exc, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError)
+
+
+def _send(mlflow_client, run_id: str, record: dict, root: Path) -> None:
+    from mlflow.entities import Metric
+
+    if record["kind"] == "metrics":
+        mlflow_client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]])
+        return
+    local = root / record["local"]  # an absolute path stays as it is
+    if local.is_dir():
+        mlflow_client.log_artifacts(run_id, str(local), artifact_path=record["artifact_path"])
+    elif local.is_file():
+        mlflow_client.log_artifact(run_id, str(local), artifact_path=record["artifact_path"])
+
+
+def _send_with_retries(mlflow_client, run_id: str, record: dict, root: Path, attempts: int) -> None:
+    for attempt in range(attempts):
+        try:
+            with _http_limits():
+                _send(mlflow_client, run_id, record, root)
+            return
+        except Exception as exc:
+            if not _transient(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
+
+
+def _read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _spool(run_id: str, records: list[dict], reason: BaseException) -> None:
+    """Append records to the run's spool; artifacts are copied, as the files may change before the flush."""
+    root = spool_dir(run_id)
+    (root / "files").mkdir(parents=True, exist_ok=True)
+    kept = []
+    for record in records:
+        if record["kind"] == "artifact":
+            source = Path(record["local"])
+            copy = root / "files" / uuid.uuid4().hex[:12] / source.name
+            copy.parent.mkdir(parents=True)
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, copy)
+            record = {**record, "local": str(copy.relative_to(root))}
+        kept.append(record)
+    with open(root / SPOOL_FILE, "a", encoding="utf-8") as spool:
+        spool.writelines(json.dumps(r) + "\n" for r in kept)
+    log.warning(
+        "MLflow tracking at %s did not take %d record(s) for run %s (%s); kept in %s, to be sent by the next "
+        "successful call for this run",
+        tracking_uri(),
+        len(kept),
+        run_id,
+        reason,
+        root,
+    )
+
+
+def _flush(mlflow_client, run_id: str, attempts: int) -> bool:
+    """Send the run's spooled records in order; returns whether none is left."""
+    root = spool_dir(run_id)
+    path = root / SPOOL_FILE
+    if not path.exists():
+        return True
+    try:
+        check_reachable(timeout=2.0)  # still down: spool at once instead of waiting on retries
+    except TrackingUnavailable:
+        return False
+    records = _read_records(path)
+    for index, record in enumerate(records):
+        try:
+            _send_with_retries(mlflow_client, run_id, record, root, attempts)
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            _write_records(path, records[index:])
+            return False
+    shutil.rmtree(root)
+    log.warning("sent %d spooled record(s) to run %s", len(records), run_id)
+    return True
+
+
+def _deliver(run_id: str, records: list[dict]) -> None:
+    """Send records after whatever the run has spooled; keep them in the spool if the server is down."""
+    if not records:
+        return
+    with _lock:
+        mlflow_client = client()
+        sent = 0
+        try:
+            if not _flush(mlflow_client, run_id, attempts=1):
+                raise TrackingUnavailable(f"{pending(run_id)} earlier record(s) still spooled")
+            for record in records:
+                _send_with_retries(mlflow_client, run_id, record, Path("/"), attempts=len(RETRY_DELAYS_S) + 1)
+                sent += 1
+        except Exception as exc:
+            if not isinstance(exc, TrackingUnavailable) and not _transient(exc):
+                raise
+            _spool(run_id, records[sent:], exc)
+
+
+def flush_spool(run_id: str) -> int:
+    """Send what an outage left in the run's spool; returns the records still pending (0: all sent)."""
+    with _lock:
+        _flush(client(), run_id, attempts=len(RETRY_DELAYS_S) + 1)
+        return pending(run_id)
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
@@ -129,7 +351,16 @@ def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    client().set_terminated(run_id, status=status)
+    """Send what the run has spooled, then close it; raises if the spool cannot be sent yet."""
+    with _lock:
+        mlflow_client = client()
+        if not _flush(mlflow_client, run_id, attempts=len(RETRY_DELAYS_S) + 1):
+            raise TrackingUnavailable(
+                f"MLflow tracking at {tracking_uri()} cannot take the {pending(run_id)} record(s) spooled for run "
+                f"{run_id} (kept in {spool_dir(run_id)}): bring the server back, then close the run with "
+                f"`python -c \"from tasks.tracking import end_run; end_run('{run_id}', '{status}')\"`"
+            )
+        mlflow_client.set_terminated(run_id, status=status)
 
 
 def epoch_logger(run_id: str):

@@ -7,7 +7,9 @@ reported with their reasons and do not stop the others.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from tasks.clinical import parse_age
 from tasks.errors import DataError, SkinriskError
 from tasks.images import load_image
 from tasks.schema import LOCALIZATIONS, RISK_LEVELS, SEXES
+from tasks.shards import Executor, map_shards
 
 REQUIRED_COLUMNS = ("image", "age", "sex", "localization")
 ACTIONS = {
@@ -45,7 +48,7 @@ def action_for(risk_level: str, refer: bool) -> str:
     return ACTIONS["moderate"] if risk_level in ("moderate", "high") else ACTIONS["low"]
 
 
-def _check_row(row: pd.Series, images_dir: Path, image_size: int, missing_policy: str) -> tuple[np.ndarray, float]:
+def _check_row(row: Mapping, images_dir: Path, image_size: int, missing_policy: str) -> tuple[np.ndarray, float]:
     """The decoded image and parsed age of one case; raises DataError naming the field."""
     if pd.isna(row["image"]) or not str(row["image"]).strip():
         raise DataError("image: empty")
@@ -62,12 +65,42 @@ def _check_row(row: pd.Series, images_dir: Path, image_size: int, missing_policy
     return load_image(path, image_size), age
 
 
-def triage(bundle, cases_csv: Path, images_dir: Path, out_csv: Path) -> TriageSummary:
+def _check_rows(
+    rows: list[tuple[int, dict]], images_dir: str, image_size: int, missing_policy: str
+) -> list[tuple[int, np.ndarray | None, float | None, str | None]]:
+    """One shard of cases: (index, image, age, None) for a valid row, (index, None, None, reason) else."""
+    checked = []
+    for index, row in rows:
+        try:
+            image, age = _check_row(row, Path(images_dir), image_size, missing_policy)
+        except DataError as exc:
+            checked.append((index, None, None, str(exc)))
+            continue
+        checked.append((index, image, age, None))
+    return checked
+
+
+def triage(
+    bundle,
+    cases_csv: Path,
+    images_dir: Path,
+    out_csv: Path,
+    *,
+    executor: Executor = "processes",
+    workers: int = 1,
+    dask_address: str = "",
+    shard_size: int = 64,
+) -> TriageSummary:
     """Score ``cases_csv`` (columns image, age, sex, localization; others kept) into a ranked queue.
 
     Writes ``out_csv`` (valid cases, highest P(high) first, with p_low/p_moderate/p_high, the
     risk level, whether the triage threshold refers it, and the action) and, when any row is
     invalid, ``<out>.invalid.csv`` with each row's reasons. Both are written atomically.
+
+    Checking and decoding the rows is split into shards of ``shard_size`` cases that run here
+    (``workers=1``, the default), in local processes, or on a Dask cluster (``executor="dask"``,
+    ``dask_address``; see ``tasks.shards``); the queue is the same either way. The model scores
+    the valid images here, in batches.
     """
     import time
 
@@ -84,12 +117,24 @@ def triage(bundle, cases_csv: Path, images_dir: Path, out_csv: Path) -> TriageSu
         raise SkinriskError("the model carries no triage threshold (models/operating_point.json): evaluate it first")
     image_size = int(bundle.summary["image_size"])
 
+    rows = [(index, row.to_dict()) for index, row in cases.iterrows()]
+    shards = [rows[s : s + shard_size] for s in range(0, len(rows), shard_size)]
+    checked = map_shards(
+        partial(
+            _check_rows,
+            images_dir=str(images_dir),
+            image_size=image_size,
+            missing_policy=bundle.encoder.missing_policy,
+        ),
+        shards,
+        executor=executor,
+        workers=workers,
+        dask_address=dask_address,
+    )
     images, ages, valid_rows, problems = [], [], [], []
-    for index, row in cases.iterrows():
-        try:
-            image, age = _check_row(row, Path(images_dir), image_size, bundle.encoder.missing_policy)
-        except DataError as exc:
-            problems.append({"row": int(index) + 2, "image": row.get("image"), "reason": str(exc)})  # file line
+    for index, image, age, reason in (case for shard in checked for case in shard):
+        if reason is not None:
+            problems.append({"row": int(index) + 2, "image": cases.at[index, "image"], "reason": reason})  # file line
             continue
         images.append(image)
         ages.append(age)

@@ -27,6 +27,10 @@ def _register(model_path: Path, processed: Path, model_dir: Path) -> str:
     return register_model(model_path, processed, model_dir / "operating_point.json", run_id).version
 
 
+def _alias(registry, alias: str) -> str:
+    return str(registry.get_model_version_by_alias("skinrisk", alias).version)
+
+
 def _always_low_model(trained_model: Path, processed: Path, out: Path) -> Path:
     """The trained network with its output layer overwritten: it predicts "low" for every case."""
     from tasks.evaluate import evaluate
@@ -52,29 +56,29 @@ def test_promotion_gates_aliases_and_rollback(trained, learnable, mlflow_store, 
     first = _register(Path(result.model_path), processed, out / "models")
     decision = promote(processed, raw, GATES)
     assert decision.promoted and decision.champion_version is None, decision.summary()
-    assert registry.get_model_version_by_alias("skinrisk", "champion").version == first
+    assert _alias(registry, "champion") == first
 
     worse = _always_low_model(Path(result.model_path), processed, tmp_path / "worse")
     second = _register(worse, processed, worse.parent)
     decision = promote(processed, raw, GATES)
     assert not decision.promoted, "a worse model must never be promoted"
     assert decision.challenger_figures["balanced_accuracy"] == pytest.approx(1 / 3)
-    assert registry.get_model_version_by_alias("skinrisk", "champion").version == first
+    assert _alias(registry, "champion") == first
     tags = registry.get_model_version("skinrisk", second).tags
     assert tags["promotion.decision"] == "rejected" and "FAIL" in tags["promotion.reasons"]
 
     third = _register(Path(result.model_path), processed, out / "models")
     decision = promote(processed, raw, GATES)
     assert decision.promoted, decision.summary()
-    assert registry.get_model_version_by_alias("skinrisk", "champion").version == third
-    assert registry.get_model_version_by_alias("skinrisk", "previous").version == first
+    assert _alias(registry, "champion") == third
+    assert _alias(registry, "previous") == first
 
     table = registry_table()
     assert table["version"].tolist() == [int(third), int(second), int(first)]
     assert "champion" in table.loc[0, "aliases"]
 
     assert rollback() == (third, first)
-    assert registry.get_model_version_by_alias("skinrisk", "champion").version == first
+    assert _alias(registry, "champion") == first
     with pytest.raises(SkinriskError, match="no @previous"):
         rollback()
 
