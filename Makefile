@@ -58,5 +58,19 @@ mlflow-ui: $(STAMP) ## the MLflow UI on http://127.0.0.1:5000 for the local SQLi
 benchmarks: $(STAMP) ## print the speed and quality figures (needs ../shared/data/ham10000-200px)
 	$(BIN)/python benchmarks/preprocess_throughput.py
 
+.PHONY: servers servers-status servers-stop benchmark-servers
+
+servers: $(STAMP) ## MLflow + Prefect servers on the local PostgreSQL, no containers (prints the env to export)
+	$(BIN)/python infra/servers.py start
+
+servers-status: $(STAMP) ## pid, health and log of the team servers
+	$(BIN)/python infra/servers.py status
+
+servers-stop: $(STAMP) ## stop the team servers (their databases and artifacts stay)
+	$(BIN)/python infra/servers.py stop
+
+benchmark-servers: $(STAMP) ## server start times and flow overhead vs the embedded default (needs PostgreSQL)
+	$(BIN)/python benchmarks/server_overhead.py
+
 clean: ## remove outputs (not the venv, not the raw import)
 	rm -rf data/processed reports models .pytest_cache

@@ -25,6 +25,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from tasks.atomic import atomic_directory, write_json
 from tasks.clinical import ClinicalEncoder, parse_age
+from tasks.decoding import decode_shard
 from tasks.errors import DataError
 from tasks.images import load_image
 from tasks.ingest import read_raw_metadata
@@ -101,10 +102,6 @@ def split_by_lesion(frame: pd.DataFrame, params: PreprocessParams) -> pd.Series:
     return labels
 
 
-def _decode_chunk(paths: list[str], size: int) -> np.ndarray:
-    return np.stack([load_image(Path(p), size) for p in paths])
-
-
 def decode_images(
     paths: list[Path],
     size: int,
@@ -130,7 +127,7 @@ def decode_images(
     starts = range(0, len(paths), chunk)
     chunks = [[str(p) for p in paths[s : s + chunk]] for s in starts]
     blocks = map_shards(
-        partial(_decode_chunk, size=size), chunks, executor=executor, workers=workers, dask_address=dask_address
+        partial(decode_shard, size=size), chunks, executor=executor, workers=workers, dask_address=dask_address
     )
     for start, block in zip(starts, blocks, strict=True):
         out[start : start + len(block)] = block

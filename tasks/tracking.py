@@ -120,13 +120,18 @@ def experiment_id(name: str = EXPERIMENT) -> str:
 
 
 def git_tags() -> dict[str, str]:
-    """The source commit as MLflow's standard tags (empty outside a git checkout)."""
+    """The source commit as MLflow's standard tags (empty outside a git checkout).
+
+    Asked of the checkout holding this code, not of the working directory (runs often work elsewhere).
+    """
+    source = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
             capture_output=True,
             text=True,
             check=True,

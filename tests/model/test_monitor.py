@@ -165,8 +165,20 @@ def _monitor(reference_path, bundle, batch: Path, out_dir: Path, **kwargs) -> di
 
 
 @pytest.fixture(scope="module")
-def same_summary(reference_path, bundle, batches, tmp_path_factory) -> dict:
-    return _monitor(reference_path, bundle, batches / "same", tmp_path_factory.mktemp("same-out"))
+def same_run(reference_path, bundle, batches, tmp_path_factory) -> tuple[dict, Path, str]:
+    """The unshifted batch, monitored once: tracked in a module-local MLflow store, retraining on."""
+    root = tmp_path_factory.mktemp("same")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(root)  # the local store keeps its artifacts under the working directory
+        summary = _monitor(reference_path, bundle, batches / "same", root / "monitoring", track=True, retrain=True)
+    return summary, root / "monitoring", uri
+
+
+@pytest.fixture(scope="module")
+def same_summary(same_run) -> dict:
+    return same_run[0]
 
 
 def _shifted_copy(batches: Path, name: str, *, metadata=None, image=None) -> Path:
@@ -242,13 +254,12 @@ def test_reference_profile_describes_one_training_image_per_lesion(reference_pat
 
 
 @pytest.mark.slow
-def test_same_distribution_raises_no_alarm_and_is_logged(reference_path, bundle, batches, tmp_path, mlflow_store):
+def test_same_distribution_raises_no_alarm_and_is_logged(same_run):
     from mlflow.tracking import MlflowClient
 
     from tasks.monitor import MONITORING_EXPERIMENT
 
-    out = tmp_path / "monitoring"
-    summary = _monitor(reference_path, bundle, batches / "same", out, track=True, retrain=True)
+    summary, out, mlflow_store = same_run
     assert not summary["alarm"], summary["reason"]
     assert summary["drifted_share"] < MonitorParams().drift_share
     assert not summary["groups"]["clinical"]["drifted_columns"], "same population: no clinical drift"
@@ -260,6 +271,8 @@ def test_same_distribution_raises_no_alarm_and_is_logged(reference_path, bundle,
 
     report = json.loads((out / "drift_report.json").read_text())
     assert any(m["config"].get("column") == "brightness" for m in report["metrics"])
+    (count,) = [m["value"] for m in report["metrics"] if m["config"]["type"].endswith("DriftedColumnsCount")]
+    assert count["count"] == summary["n_drifted"] and count["share"] == pytest.approx(summary["drifted_share"])
     assert (out / "drift_report.html").read_text().lstrip().lower().startswith("<!doctype html>")
 
     client = MlflowClient(mlflow_store)
@@ -274,12 +287,25 @@ def test_same_distribution_raises_no_alarm_and_is_logged(reference_path, bundle,
     assert artifacts == {f"drift/{name}" for name in ("drift_summary.json", "drift_report.json", "drift_report.html")}
 
 
+@pytest.fixture(scope="module")
+def shifted_summary(reference_path, bundle, batches, tmp_path_factory):
+    """Monitor a shifted batch once per module (retraining on: no Prefect API, so never triggered)."""
+    done: dict[str, dict] = {}
+
+    def summary_of(shift: str) -> dict:
+        if shift not in done:
+            batch = _shifted_copy(batches, shift, **SHIFTS[shift][0])
+            done[shift] = _monitor(reference_path, bundle, batch, tmp_path_factory.mktemp(shift), retrain=True)
+        return done[shift]
+
+    return summary_of
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shift", list(SHIFTS))
-def test_a_shift_drifts_its_own_columns(shift, reference_path, bundle, batches, same_summary, tmp_path):
-    change, expected, untouched_groups = SHIFTS[shift]
-    batch = _shifted_copy(batches, shift, **change)
-    summary = _monitor(reference_path, bundle, batch, tmp_path / shift)
+def test_a_shift_drifts_its_own_columns(shift, shifted_summary, same_summary):
+    _, expected, untouched_groups = SHIFTS[shift]
+    summary = shifted_summary(shift)
     for column in expected:
         shifted, unshifted = summary["columns"][column], same_summary["columns"][column]
         assert shifted["drifted"], f"{shift}: {column} {shifted}"
@@ -293,9 +319,8 @@ def test_a_shift_drifts_its_own_columns(shift, reference_path, bundle, batches, 
 
 
 @pytest.mark.slow
-def test_an_alarm_without_a_deployment_is_recorded_not_raised(reference_path, bundle, batches, tmp_path):
-    batch = _shifted_copy(batches, "brighter", **SHIFTS["brighter"][0])
-    summary = _monitor(reference_path, bundle, batch, tmp_path / "out", retrain=True)
+def test_an_alarm_without_a_deployment_is_recorded_not_raised(shifted_summary):
+    summary = shifted_summary("brighter")
     assert summary["alarm"], summary["reason"]
     assert summary["reason"].startswith(f"{summary['n_drifted']} of {summary['n_columns']} monitored columns drifted")
     assert "brightness" in summary["reason"]
@@ -304,41 +329,50 @@ def test_an_alarm_without_a_deployment_is_recorded_not_raised(reference_path, bu
     assert retraining["message"].startswith("no deployment")
 
 
-@pytest.mark.slow
-def test_a_cases_csv_batch_is_monitored_like_a_folder(reference_path, bundle, batches, tmp_path, same_summary):
+def test_a_cases_csv_batch_reads_like_a_folder(batches, tmp_path):
+    from tasks.monitor import read_batch
+
     source = batches / "same"
     images = tmp_path / "images"
     images.mkdir()
-    metadata = pd.read_csv(source / METADATA, dtype=str, keep_default_na=False)
-    rows = []
     for path in sorted(source.rglob("*.jpg")):
         shutil.copy(path, images / path.name)
-        rows.append(path.stem)
-    cases = metadata.set_index("image_id").loc[rows].reset_index()
-    cases.insert(0, "image", [f"{i}.jpg" for i in cases["image_id"]])
+    metadata = pd.read_csv(source / METADATA, dtype=str, keep_default_na=False).sample(frac=1, random_state=0)
+    cases = metadata.assign(image=[f"{i}.jpg" for i in metadata["image_id"]])
     csv = tmp_path / "cases.csv"
     cases[["image", "lesion_id", "age", "sex", "localization"]].to_csv(csv, index=False)
-    summary = _monitor(reference_path, bundle, csv, tmp_path / "out", images_dir=images)
-    assert summary["batch_kind"] == "cases_csv" and summary["n_images"] == BATCH_IMAGES
-    assert summary["columns"]["age"] == same_summary["columns"]["age"]
-    assert summary["columns"]["localization"] == same_summary["columns"]["localization"]
+
+    from_csv = read_batch(csv, tmp_path / "scratch-csv", images_dir=images)
+    from_folder = read_batch(source, tmp_path / "scratch-folder")
+    assert from_csv.kind == "cases_csv" and from_folder.kind == "ham10000"
+    columns = ["image_id", "lesion_id", "age", "sex", "localization"]
+    by_id = from_folder.frame.set_index("image_id")
+    pd.testing.assert_frame_equal(from_csv.frame[columns], by_id.loc[from_csv.frame["image_id"]].reset_index()[columns])
+    folder_paths = dict(zip(from_folder.frame["image_id"], from_folder.paths, strict=True))
+    for image_id, path in zip(from_csv.frame["image_id"], from_csv.paths, strict=True):
+        assert path.read_bytes() == folder_paths[image_id].read_bytes()
+
+    cases[["image", "age", "sex", "localization"]].to_csv(csv, index=False)  # no lesion ids: every row a case
+    assert (read_batch(csv, tmp_path / "scratch", images_dir=images).frame["lesion_id"] == "").all()
 
 
 @pytest.mark.slow
-def test_quick_verdicts_agree_with_the_evidently_report(reference_path):
-    from tasks.monitor import ReferenceProfile, column_drift, detect_drift
+def test_quick_verdicts_agree_with_the_evidently_report(reference_path, bundle, batches, same_summary, tmp_path):
+    """benchmarks/monitor_sensitivity.py uses column_drift: it must give the report's verdicts."""
+    from tasks.monitor import ReferenceProfile, column_drift, one_per_lesion, original_sizes, profile_batch, read_batch
+    from tasks.preprocess import decode_images
 
     profile = ReferenceProfile.load(reference_path)
-    rng = np.random.default_rng(0)
-    current = profile.table.sample(120, random_state=1, replace=True).reset_index(drop=True)
-    current["age"] = np.minimum(current["age"] + 10, 85)
-    current["mean_red"] = current["mean_red"] * rng.normal(1.05, 0.02, len(current))
-    report = detect_drift(profile.table, current, profile.groups, MonitorParams())
+    cases = read_batch(batches / "same", tmp_path)
+    frame = cases.frame.loc[cases.frame["age"].notna()]
+    frame = frame.iloc[one_per_lesion(frame["lesion_id"], MonitorParams().seed)]
+    paths = [cases.paths[i] for i in frame.index]
+    frame = frame.reset_index(drop=True)
+    current = profile_batch(profile, bundle, frame, decode_images(paths, 32, workers=1), original_sizes(paths))
     quick = column_drift(profile.table, current, profile.groups, MonitorParams())
-    assert {"age", "mean_red"} <= set(report.drifted_columns)
-    assert report.drifted_columns == quick.drifted_columns
-    for name, column in report.columns.items():
-        assert quick.columns[name].score == pytest.approx(column.score, rel=1e-6, abs=1e-12), name
+    assert quick.drifted_columns == same_summary["drifted_columns"]
+    for name, column in same_summary["columns"].items():
+        assert quick.columns[name].score == pytest.approx(column["score"], rel=1e-6, abs=1e-12), name
 
 
 @pytest.mark.slow

@@ -1,0 +1,127 @@
+"""The monitoring flow: drift of a new batch against the training reference, and retraining on alarm.
+
+Compares a batch (a HAM10000 folder or zip, or a cases CSV beside its images) with the reference
+profile built at training time, writes ``drift_report.html``/``.json`` and ``drift_summary.json``,
+logs a run to the MLflow experiment ``skinrisk-monitoring`` and, on alarm, triggers the
+``monitor.retrain_deployment`` Prefect deployment. The stage logic lives in ``tasks.monitor``; the
+tasks below only parse parameters and pass paths and run ids, like ``tasks.prefect_tasks``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks import paths
+from tasks.params import MonitorParams, load_params
+
+DEFAULT_REFERENCE = str(paths.MODELS_DIR / "reference_profile.parquet")  # tasks.monitor.REFERENCE_FILE
+DEFAULT_MODEL = str(paths.MODELS_DIR / "model.keras")
+DEFAULT_OUT_DIR = str(paths.REPORTS_DIR / "monitoring")
+
+
+def _monitor_params(params_file: str, overrides: list[str]) -> MonitorParams:
+    return load_params(params_file, overrides).monitor
+
+
+@task(name="start-monitoring-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def start_monitoring_run(batch: str, reference: str, params_file: str, overrides: list[str]) -> str:
+    from tasks.monitor import start_monitoring_run as start
+
+    return start(batch, reference, _monitor_params(params_file, overrides))
+
+
+@task(name="monitor-batch", cache_policy=NO_CACHE)
+def monitor_batch(
+    batch: str,
+    reference: str,
+    model: str,
+    out_dir: str,
+    params_file: str,
+    overrides: list[str],
+    run_id: str,
+    images_dir: str | None,
+    retrain: bool,
+) -> str:
+    from tasks.monitor import monitor_batch as run_monitor
+
+    result = run_monitor(
+        Path(reference),
+        model,
+        Path(batch),
+        Path(out_dir),
+        _monitor_params(params_file, overrides),
+        images_dir=Path(images_dir) if images_dir else None,
+        run_id=run_id,
+        retrain=retrain,
+    )
+    print(("ALARM: " if result.alarm else "no alarm: ") + result.reason)
+    print(f"retraining: {result.retraining.message}")
+    return result.summary_path
+
+
+@task(name="publish-drift-summary", cache_policy=NO_CACHE)
+def publish_drift_summary(summary_path: str) -> dict:
+    from tasks.monitor import format_drift_summary, read_summary, summary_rows
+
+    summary = read_summary(Path(summary_path))
+    create_markdown_artifact(
+        key="skinrisk-drift",
+        markdown=format_drift_summary(summary),
+        description="Drift of the latest monitored batch against the training reference",
+    )
+    create_table_artifact(
+        key="skinrisk-drift-columns",
+        table=summary_rows(summary),
+        description="Per-column drift test of the latest monitored batch",
+    )
+    return summary
+
+
+@task(name="finish-monitoring-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def finish_monitoring_run(run_id: str, status: str) -> None:
+    from tasks.tracking import end_run
+
+    end_run(run_id, status)
+
+
+@flow(name="skinrisk-monitoring", log_prints=True)
+def monitoring_flow(
+    batch: str,
+    reference: str = DEFAULT_REFERENCE,
+    model: str = DEFAULT_MODEL,
+    out_dir: str = DEFAULT_OUT_DIR,
+    params_file: str = str(paths.PARAMS_FILE),
+    overrides: list[str] | None = None,
+    images_dir: str | None = None,
+    retrain: bool = True,
+) -> dict:
+    """Monitor one batch; returns the headline of ``drift_summary.json``.
+
+    ``model`` is the model the reference was built with: a ``.keras`` path or an MLflow model URI
+    (e.g. ``models:/skinrisk@champion``). The clinical encoder and image size come from the
+    reference profile, so no processed data folder is needed. ``images_dir`` is for a cases CSV
+    whose image paths are relative to another folder than the CSV's.
+    """
+    overrides = list(overrides or [])
+    run_id = start_monitoring_run(batch, reference, params_file, overrides)
+    try:
+        summary_path = monitor_batch(
+            batch, reference, model, out_dir, params_file, overrides, run_id, images_dir, retrain
+        )
+    except BaseException:
+        finish_monitoring_run(run_id, "FAILED")
+        raise
+    finish_monitoring_run(run_id, "FINISHED")
+    summary = publish_drift_summary(summary_path)
+    return {
+        "run_id": run_id,
+        "summary_path": summary_path,
+        "alarm": summary["alarm"],
+        "drifted_share": summary["drifted_share"],
+        "drifted_columns": summary["drifted_columns"],
+        "retraining": summary["retraining"],
+    }

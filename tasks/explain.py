@@ -1,0 +1,967 @@
+"""The explain stage: Grad-CAM heatmaps for the image and SHAP values for the clinical variables.
+
+Computation is kept apart from rendering, as in keras-io's ``grad_cam`` example:
+:func:`make_gradcam_heatmap` and :func:`clinical_shap` return arrays and dicts;
+:func:`render_overlay`, :func:`save_overlay`, :func:`save_case_grid` and the ``plot_*``
+functions draw them.
+
+What is explained is always a risk level. For a model with one output per diagnosis (``dx``
+target) a risk level's probability is the sum of its diagnoses' probabilities
+(:func:`level_assignment`). Grad-CAM differentiates, by default, the level's logit, the log of
+that sum before the softmax's normalisation, because a confident softmax saturates (its
+gradient underflows to zero); ``from_logits=False`` differentiates the summed probability itself.
+
+SHAP explains the clinical variables with the image held fixed. ``shap.KernelExplainer`` sees
+three raw variables, ``age``, ``sex`` and ``localization`` (categories as integer codes into the
+encoder's vocabularies, an unknown age as :data:`MISSING_AGE_CODE`); they are encoded through the
+fitted :class:`~tasks.clinical.ClinicalEncoder` inside the model function, so each variable gets
+one SHAP value however many one-hot columns it spans. With three variables the explainer
+enumerates every coalition, so the values are exact Shapley values and ``base_value`` plus their
+sum equals the model's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+# Headless rendering: the pipeline runs on servers and in workers without a display.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from tasks.atomic import atomic_directory, atomic_path, write_json
+from tasks.clinical import ClinicalEncoder, parse_age
+from tasks.errors import DataError, SkinriskError
+from tasks.model import LAST_CONV_LAYER, POOLED_LAYER
+from tasks.params import ExplainParams
+from tasks.schema import RISK_LEVELS
+
+SHAP_VARIABLES: tuple[str, ...] = ("age", "sex", "localization")
+MISSING_AGE_CODE = -1.0  # an unknown age in SHAP's numeric space (ages are 0-100)
+PLOT_DPI = 120
+
+GRADCAM_DIR = "gradcam"
+GRID_FILE = "gradcam_grid.png"
+SHAP_SUMMARY_FILE = "shap_summary.png"
+SHAP_VALUES_FILE = "shap_values.csv"
+EXPLANATIONS_FILE = "explanations.json"
+CASE_GRADCAM_FILE = "gradcam.png"
+CASE_SHAP_FILE = "shap.png"
+CASE_EXPLANATION_FILE = "explanation.json"
+
+_HIGH = RISK_LEVELS.index("high")
+_PREDICT_CHUNK = 256
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM: computation
+
+
+class _EagerThenTraced:
+    """Runs ``function`` eagerly for its first calls and as a traced ``tf.function`` after that.
+
+    Tracing a pass through MobileNetV2 costs as much as several eager calls (about 3 to 5): a
+    one-off explanation (the CLI) should not pay it, a batch of them (the stage, a server) should.
+    """
+
+    EAGER_CALLS = 3
+
+    def __init__(self, function: Callable) -> None:
+        import tensorflow as tf
+
+        self._eager = function
+        self._traced = tf.function(function, reduce_retracing=True)
+        self._calls = 0
+
+    def __call__(self, *args):
+        self._calls += 1
+        return self._eager(*args) if self._calls <= self.EAGER_CALLS else self._traced(*args)
+
+
+# Built once per (model, layer, mode); see _EagerThenTraced for when they are traced.
+_GRADCAM_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_NEG_LARGE = -1e30  # log(0) in the masked log-sum-exp: finite, so gradients stay finite
+
+
+def _is_softmax_dense(layer) -> bool:
+    import keras
+
+    return isinstance(layer, keras.layers.Dense) and layer.get_config().get("activation") == "softmax"
+
+
+def _logit_graph(model, layer_name: str):
+    """(inputs, conv output, logits, weight pairs) of a twin of ``model`` that outputs logits.
+
+    The twin reuses every layer (so every weight) except the softmax ``Dense``, which is copied
+    without its activation; the pairs (twin variable, model variable) let the caller copy that
+    layer's current weights in before each use. None if the model has no single softmax
+    ``Dense`` or cannot be cloned.
+    """
+    import keras
+
+    softmax_layers: list = []
+    captured: dict[str, Any] = {}
+
+    def swap(layer):
+        if not _is_softmax_dense(layer):
+            return layer
+        twin = keras.layers.Dense.from_config({**layer.get_config(), "activation": "linear"})
+        twin.build((None, int(layer.kernel.shape[0])))
+        softmax_layers.append((twin, layer))
+        return twin
+
+    def call(layer, *args, **kwargs):
+        output = layer(*args, **kwargs)
+        if layer.name == layer_name:
+            captured["conv"] = output
+        return output
+
+    try:
+        twin = keras.models.clone_model(model, clone_function=swap, call_function=call, recursive=True)
+    except Exception:  # unusual graphs (subclassed layers): fall back to differentiating probabilities
+        return None
+    if len(softmax_layers) != 1 or "conv" not in captured:
+        return None
+    twin_dense, dense = softmax_layers[0]
+    pairs = list(zip(twin_dense.weights, dense.weights, strict=True))
+    return twin.inputs, captured["conv"], twin.outputs[0], pairs
+
+
+def _gradcam_function(model, layer_name: str, from_logits: bool):
+    import keras
+    import tensorflow as tf
+
+    built = _GRADCAM_FUNCTIONS.setdefault(model, {})
+    if (layer_name, from_logits) in built:
+        return built[layer_name, from_logits]
+    try:
+        conv = model.get_layer(layer_name)
+    except ValueError:
+        raise SkinriskError(
+            f"the model has no layer {layer_name!r} to take Grad-CAM from; "
+            f"models built by tasks.model.build_model have {LAST_CONV_LAYER!r}"
+        ) from None
+    graph = _logit_graph(model, layer_name) if from_logits else None
+    use_logits = graph is not None
+    pairs: list = []
+    if use_logits:
+        inputs, conv_output, logits, pairs = graph
+        grad_model = keras.Model(inputs, [conv_output, logits])
+    else:
+        grad_model = keras.Model(model.inputs, [conv.output, model.output])
+
+    def gradcam(image, clinical, assignment, index):
+        for twin_variable, variable in pairs:  # the model may have been trained since the twin was made
+            twin_variable.assign(variable)
+        with tf.GradientTape() as tape:
+            conv_output, outputs = grad_model({"image": image, "clinical": clinical}, training=False)
+            if use_logits:
+                probabilities = tf.nn.softmax(outputs[0])
+                # Each class's logit: log sum_k assignment[k, j] * exp(logit_k), a masked
+                # log-sum-exp (for a one-diagnosis class, that diagnosis' own logit).
+                weighted = tf.where(
+                    assignment > 0,
+                    outputs[0][:, None] + tf.math.log(tf.maximum(assignment, 1e-30)),
+                    _NEG_LARGE,
+                )
+                scores = tf.reduce_logsumexp(weighted, axis=0)
+            else:
+                probabilities = outputs[0]
+                scores = tf.linalg.matvec(assignment, probabilities, transpose_a=True)
+            # The class logits rank the classes as their probabilities do.
+            chosen = tf.where(index < 0, tf.argmax(scores, output_type=tf.int32), index)
+            explained = tf.gather(scores, chosen)
+        grads = tape.gradient(explained, conv_output)
+        # Channel importance: the gradient averaged over the feature map (Selvaraju et al., 2017).
+        channel_weights = tf.reduce_mean(grads, axis=(0, 1, 2))
+        heatmap = tf.reduce_sum(conv_output[0] * channel_weights, axis=-1)
+        return heatmap, probabilities, chosen
+
+    built[layer_name, from_logits] = _EagerThenTraced(gradcam)
+    return built[layer_name, from_logits]
+
+
+def _gradcam(
+    model,
+    image: np.ndarray,
+    clinical: np.ndarray,
+    assignment: np.ndarray,
+    index: int | None,
+    last_conv_layer_name: str,
+    from_logits: bool,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(heatmap at conv resolution in [0, 1], output probabilities, explained column), one pass.
+
+    Column ``j`` of ``assignment`` (outputs x explained classes) says which outputs make up
+    class ``j``; ``index`` None explains the most probable class. See
+    :func:`make_gradcam_heatmap` for ``from_logits``.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    clinical = np.asarray(clinical, dtype=np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be one normalized H x W x 3 array, got shape {image.shape}")
+    if clinical.ndim != 1:
+        raise ValueError(f"clinical must be one case's feature vector (F,), got shape {clinical.shape}")
+    assignment = np.asarray(assignment, dtype=np.float32)
+    n_outputs = int(model.output_shape[-1])
+    if assignment.shape[0] != n_outputs:
+        raise ValueError(f"the assignment has {assignment.shape[0]} rows for a model with {n_outputs} outputs")
+    if index is not None and not 0 <= index < assignment.shape[1]:
+        raise ValueError(f"index {index} is outside 0..{assignment.shape[1] - 1}")
+    import tensorflow as tf
+
+    gradcam = _gradcam_function(model, last_conv_layer_name, from_logits)
+    heatmap, outputs, chosen = gradcam(
+        tf.constant(image[None]),
+        tf.constant(clinical[None]),
+        tf.constant(assignment),
+        tf.constant(-1 if index is None else index, dtype=tf.int32),
+    )
+    heatmap = np.maximum(heatmap.numpy(), 0.0)
+    peak = float(heatmap.max())
+    heatmap = heatmap / peak if peak > 0 else np.zeros_like(heatmap)
+    return heatmap.astype(np.float32), outputs.numpy().astype(np.float64), int(chosen)
+
+
+def make_gradcam_heatmap(
+    model,
+    image: np.ndarray,
+    clinical: np.ndarray,
+    *,
+    last_conv_layer_name: str = LAST_CONV_LAYER,
+    class_index: int | None = None,
+    from_logits: bool = True,
+) -> np.ndarray:
+    """Grad-CAM heatmap (conv resolution, values in [0, 1]) of one model output.
+
+    ``image`` is one normalized H x W x 3 image, ``clinical`` its encoded features (F,).
+    ``class_index`` indexes the model's own outputs (diagnoses for a ``dx`` model); None means
+    the predicted output. To explain a risk level of any model use :func:`risk_level_gradcam`.
+    An all-zero map means no part of the image raised that output.
+
+    ``from_logits`` (as keras-io's example, which strips the softmax): differentiate the class
+    logit, read from a twin of the model whose softmax ``Dense`` is linear (weights shared
+    otherwise). A confident softmax saturates: its gradient underflows to zero, or is left with
+    only "what would lower the other classes", which points away from the lesion. Models without
+    a softmax ``Dense``, or ``from_logits=False``, differentiate the probability itself.
+    """
+    n_outputs = int(model.output_shape[-1])
+    heatmap, _, _ = _gradcam(model, image, clinical, np.eye(n_outputs), class_index, last_conv_layer_name, from_logits)
+    return heatmap
+
+
+def level_assignment(n_outputs: int, diagnoses: Sequence[str], risk_map: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Model outputs -> risk levels as an ``n_outputs x 3`` 0/1 matrix (identity for ``risk`` models)."""
+    from tasks.metrics import risk_probabilities
+
+    if n_outputs == len(RISK_LEVELS):
+        return np.eye(len(RISK_LEVELS))
+    # Row i is the risk split of a case that is certainly diagnosis i.
+    return risk_probabilities(np.eye(n_outputs), "dx", diagnoses, risk_map).astype(np.float64)
+
+
+def bundle_assignment(bundle) -> np.ndarray:
+    """:func:`level_assignment` for a :class:`tasks.evaluate.Bundle`."""
+    return level_assignment(int(bundle.model.output_shape[-1]), bundle.summary["diagnoses"], bundle.summary["risk_map"])
+
+
+@dataclass(frozen=True)
+class RiskGradCam:
+    heatmap: np.ndarray  # conv resolution, [0, 1]
+    risk_probabilities: np.ndarray  # (3,), RISK_LEVELS order
+    level_index: int  # the explained risk level
+
+
+def risk_level_gradcam(
+    model,
+    image: np.ndarray,
+    clinical: np.ndarray,
+    assignment: np.ndarray,
+    *,
+    level_index: int | None = None,
+    last_conv_layer_name: str = LAST_CONV_LAYER,
+    from_logits: bool = True,
+) -> RiskGradCam:
+    """Grad-CAM of a risk level (the predicted level when ``level_index`` is None).
+
+    ``assignment`` is :func:`level_assignment`. For a ``dx`` model the level's score is its
+    diagnoses' summed probability: with ``from_logits=False`` that sum is differentiated (the
+    gradients of the level's diagnoses summed); with ``from_logits`` (the default, see
+    :func:`make_gradcam_heatmap`) its logit, the log of the sum of its diagnoses' ``exp(logit)``,
+    i.e. the summed probability before the softmax's shared normalisation. For a ``risk`` model
+    it is the level's own probability or logit. One forward pass gives the prediction and the
+    heatmap.
+    """
+    assignment = np.asarray(assignment, dtype=np.float64)
+    heatmap, outputs, chosen = _gradcam(
+        model, image, clinical, assignment, level_index, last_conv_layer_name, from_logits
+    )
+    return RiskGradCam(heatmap=heatmap, risk_probabilities=outputs @ assignment, level_index=chosen)
+
+
+def upsample_heatmap(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a heatmap to ``size`` (side, or (height, width)), kept in [0, 1]."""
+    height, width = (size, size) if isinstance(size, int) else size
+    field = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F")
+    resized = np.asarray(field.resize((int(width), int(height)), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.clip(resized, 0.0, 1.0)
+
+
+def heatmap_stats(heatmap: np.ndarray, size: int | tuple[int, int]) -> dict[str, Any]:
+    """Where the heat is, as fractions of the image (x right, y down), on the upsampled map."""
+    conv_shape = list(np.asarray(heatmap).shape)
+    field = upsample_heatmap(heatmap, size).astype(np.float64)
+    total = float(field.sum())
+    if total <= 0:
+        return {"conv_resolution": conv_shape, "empty": True}
+    height, width = field.shape
+    ys, xs = np.mgrid[0:height, 0:width]
+    peak_y, peak_x = np.unravel_index(int(np.argmax(field)), field.shape)
+    return {
+        "conv_resolution": conv_shape,
+        "empty": False,
+        "peak_xy": [round(float(peak_x + 0.5) / width, 4), round(float(peak_y + 0.5) / height, 4)],
+        "centroid_xy": [
+            round(float((field * (xs + 0.5)).sum()) / total / width, 4),
+            round(float((field * (ys + 0.5)).sum()) / total / height, 4),
+        ],
+        "area_above_half": round(float((field >= 0.5).mean()), 4),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM: rendering
+
+
+def render_overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """The image with the heatmap blended on top in the jet colormap (uint8, image's size)."""
+    image = np.asarray(image_uint8)
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image_uint8 must be an H x W x 3 uint8 array, got {image.shape} {image.dtype}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    field = upsample_heatmap(heatmap, image.shape[:2])
+    jet = matplotlib.colormaps["jet"](field)[..., :3] * 255.0
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * jet
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def save_overlay(image_uint8: np.ndarray, heatmap: np.ndarray, path: Path, alpha: float = 0.4) -> np.ndarray:
+    """Write :func:`render_overlay` as a PNG (atomically); returns the overlay."""
+    overlay = render_overlay(image_uint8, heatmap, alpha)
+    with atomic_path(Path(path)) as tmp:
+        Image.fromarray(overlay).save(tmp, format="png")
+    return overlay
+
+
+@dataclass(frozen=True)
+class CaseView:
+    """One explained case as the grid shows it."""
+
+    image_id: str
+    image: np.ndarray  # uint8 H x W x 3
+    overlay: np.ndarray  # uint8 H x W x 3
+    predicted_level: str
+    probabilities: Mapping[str, float]  # risk level -> probability
+    true_level: str | None = None
+
+
+def _save_figure(fig, path: Path) -> None:
+    # Figures are made with layout="constrained": bbox_inches="tight" would draw them twice,
+    # a third of a single case's explanation time.
+    try:
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=PLOT_DPI)
+    finally:
+        plt.close(fig)
+
+
+def save_case_grid(cases: Sequence[CaseView], path: Path, *, per_row: int = 3) -> None:
+    """A grid of cases, each as image and overlay, titled with true and predicted level."""
+    if not cases:
+        raise ValueError("no cases to draw")
+    per_row = max(1, min(per_row, len(cases)))
+    rows = math.ceil(len(cases) / per_row)
+    fig, axes = plt.subplots(
+        rows, 2 * per_row, figsize=(4.2 * per_row, 2.6 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k, case in enumerate(cases):
+        row, column = divmod(k, per_row)
+        ax_image, ax_overlay = axes[row, 2 * column], axes[row, 2 * column + 1]
+        ax_image.imshow(case.image)
+        ax_overlay.imshow(case.overlay)
+        probabilities = " ".join(f"{level[0].upper()} {case.probabilities[level]:.2f}" for level in RISK_LEVELS)
+        verdict = "" if case.true_level is None else ("  ✓" if case.true_level == case.predicted_level else "  ✗")
+        true_text = "?" if case.true_level is None else case.true_level
+        ax_image.set_title(f"{case.image_id}\ntrue {true_text}, predicted {case.predicted_level}{verdict}", fontsize=8)
+        ax_overlay.set_title(f"Grad-CAM ({case.predicted_level})\n{probabilities}", fontsize=8)
+    _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# SHAP for the clinical variables: computation
+
+PredictFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class RiskPredictor:
+    """SHAP's model function: risk-level probabilities of one image with many clinical rows.
+
+    ``predictor(image, clinical)`` takes one normalized H x W x 3 image and an N x F matrix of
+    encoded features and returns N x 3 probabilities (float64). For a model built by
+    :func:`tasks.model.build_model` the image embedding is computed once per image and only the
+    fusion head runs per row: the network's own computation (dropout is off at inference), many
+    times faster than re-running the backbone for every coalition. The split is checked against
+    the whole model on first use; other models run whole, with the image repeated.
+    """
+
+    def __init__(self, model, assignment: np.ndarray) -> None:
+        # A weak reference: predictors are cached per model, and must not keep it alive.
+        model_ref = weakref.ref(model)
+        self._model_ref = model_ref
+        self.assignment = np.asarray(assignment, dtype=np.float64)
+        self._cached: tuple[bytes, Any] | None = None
+        self._checked = False
+        self._model_fn = _EagerThenTraced(lambda inputs: model_ref()(inputs, training=False))
+        try:
+            from tasks.model import embedding_model, head_of
+
+            model.get_layer(POOLED_LAYER)
+            head, embed = head_of(model), embedding_model(model)
+        except (ValueError, KeyError, AttributeError):
+            self._head_fn = self._embed_fn = None
+        else:
+            self._head_fn = _EagerThenTraced(lambda inputs: head(inputs, training=False))
+            self._embed_fn = _EagerThenTraced(lambda image: embed(image, training=False))
+
+    def _embedding(self, image: np.ndarray):
+        import tensorflow as tf
+
+        key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._embed_fn(tf.constant(image[None])))
+        return self._cached[1]
+
+    def _whole(self, image: np.ndarray, clinical: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        outputs = []
+        for start in range(0, len(clinical), _PREDICT_CHUNK):
+            rows = tf.constant(clinical[start : start + _PREDICT_CHUNK])
+            images = tf.repeat(tf.constant(image[None]), rows.shape[0], axis=0)
+            outputs.append(np.asarray(self._model_fn({"image": images, "clinical": rows})))
+        return np.concatenate(outputs)
+
+    def _split(self, image: np.ndarray, clinical: np.ndarray) -> np.ndarray:
+        import tensorflow as tf
+
+        embedding = self._embedding(image)
+        outputs = []
+        for start in range(0, len(clinical), _PREDICT_CHUNK):
+            rows = tf.constant(clinical[start : start + _PREDICT_CHUNK])
+            tiled = tf.repeat(embedding, rows.shape[0], axis=0)
+            outputs.append(np.asarray(self._head_fn([tiled, rows])))
+        return np.concatenate(outputs)
+
+    def _split_matches_model(self, image: np.ndarray, clinical: np.ndarray) -> bool:
+        import tensorflow as tf
+
+        probe = tf.constant(clinical[:1])
+        model = self._model_ref()
+        whole = np.asarray(model({"image": tf.constant(image[None]), "clinical": probe}, training=False))
+        return bool(np.allclose(self._split(image, clinical[:1]), whole, atol=1e-5))
+
+    def __call__(self, image: np.ndarray, clinical: np.ndarray) -> np.ndarray:
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        clinical = np.ascontiguousarray(clinical, dtype=np.float32)
+        if self._head_fn is not None and not self._checked:
+            self._checked = True
+            if not self._split_matches_model(image, clinical):
+                self._head_fn = self._embed_fn = None  # not the graph assumed: run the model whole
+        outputs = self._split(image, clinical) if self._head_fn is not None else self._whole(image, clinical)
+        return outputs.astype(np.float64) @ self.assignment
+
+
+_PREDICTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def risk_predictor(model, assignment: np.ndarray) -> RiskPredictor:
+    """A :class:`RiskPredictor` for ``model``, reused while the model lives."""
+    assignment = np.asarray(assignment, dtype=np.float64)
+    predictor = _PREDICTORS.get(model)
+    if predictor is None or not np.array_equal(predictor.assignment, assignment):
+        predictor = _PREDICTORS[model] = RiskPredictor(model, assignment)
+    return predictor
+
+
+def _raw_frame(raw_clinical: Mapping[str, Any] | Sequence[Any] | pd.Series) -> pd.DataFrame:
+    if isinstance(raw_clinical, Mapping | pd.Series):
+        age, sex, site = (raw_clinical[name] for name in SHAP_VARIABLES)
+    else:
+        age, sex, site = raw_clinical
+    age = math.nan if age is None else float(age)
+    return pd.DataFrame({"age": [age], "sex": [sex], "localization": [site]})
+
+
+def encode_raw(frame: pd.DataFrame, encoder: ClinicalEncoder) -> np.ndarray:
+    """Raw ``age, sex, localization`` rows -> N x 3 SHAP codes (age in years, vocabulary indices)."""
+    for column, vocabulary in (("sex", encoder.sexes), ("localization", encoder.localizations)):
+        unknown = sorted(set(frame[column]) - set(vocabulary))
+        if unknown:
+            raise DataError(f"unknown {column} value(s) {unknown}; accepted: {list(vocabulary)}")
+    age = frame["age"].astype(float).to_numpy()
+    codes = np.empty((len(frame), len(SHAP_VARIABLES)), dtype=np.float64)
+    codes[:, 0] = np.where(np.isnan(age), MISSING_AGE_CODE, age)
+    codes[:, 1] = frame["sex"].map({s: i for i, s in enumerate(encoder.sexes)}).to_numpy(dtype=float)
+    codes[:, 2] = frame["localization"].map({s: i for i, s in enumerate(encoder.localizations)}).to_numpy(dtype=float)
+    return codes
+
+
+def decode_raw(codes: np.ndarray, encoder: ClinicalEncoder) -> pd.DataFrame:
+    """The inverse of :func:`encode_raw` (an age code below 0 is an unknown age, NaN)."""
+    codes = np.asarray(codes, dtype=np.float64)
+    sexes = np.asarray(encoder.sexes, dtype=object)
+    sites = np.asarray(encoder.localizations, dtype=object)
+    return pd.DataFrame(
+        {
+            "age": np.where(codes[:, 0] < 0, math.nan, codes[:, 0]),
+            "sex": sexes[np.rint(codes[:, 1]).astype(int)],
+            "localization": sites[np.rint(codes[:, 2]).astype(int)],
+        }
+    )
+
+
+def clinical_shap(
+    predict_fn: PredictFn,
+    image: np.ndarray,
+    raw_clinical: Mapping[str, Any] | Sequence[Any] | pd.Series,
+    background_raw: pd.DataFrame,
+    encoder: ClinicalEncoder,
+    class_index: int,
+    *,
+    background_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Exact SHAP values of ``age``, ``sex`` and ``localization`` for one case, image held fixed.
+
+    ``predict_fn(image, clinical)`` returns N x K probabilities for one normalized image and an
+    N x F matrix of encoded features (e.g. a :class:`RiskPredictor`); ``class_index`` picks the
+    column explained. ``raw_clinical`` is ``(age, sex, site)`` or a mapping with keys ``age``,
+    ``sex``, ``localization`` (age None or NaN when unknown). ``background_raw`` holds raw rows
+    of the same three columns; more than ``background_size`` rows are sampled down with
+    ``seed``. An unknown age goes through the encoder's policy: imputed (with its missing flag)
+    under ``impute``; refused under ``drop``, and background rows without an age are left out.
+
+    Returns ``base_value`` (mean output over the background), ``values`` (variable -> SHAP
+    value), ``output`` (the model's output for the case: ``base_value + sum(values)``),
+    ``class_index`` and ``background_size``.
+    """
+    import shap
+
+    case = _raw_frame(raw_clinical)
+    if np.isnan(case.at[0, "age"]) and encoder.missing_policy == "drop":
+        raise DataError(
+            "age missing, and this model was trained only on cases with a known age "
+            "(preprocess.missing_clinical=drop); give the age in years"
+        )
+    background = background_raw.loc[:, list(SHAP_VARIABLES)].reset_index(drop=True)
+    if encoder.missing_policy == "drop":
+        background = background.loc[background["age"].notna()].reset_index(drop=True)
+    if background.empty:
+        raise DataError("the SHAP background holds no usable case (age, sex, localization)")
+    if background_size is not None and len(background) > background_size:
+        background = background.sample(n=background_size, random_state=seed).reset_index(drop=True)
+    x = encode_raw(case, encoder)
+    background_codes = encode_raw(background, encoder)
+
+    image = np.ascontiguousarray(image, dtype=np.float32)
+
+    def explained_output(codes: np.ndarray) -> np.ndarray:
+        features = encoder.transform(decode_raw(codes, encoder))
+        return np.asarray(predict_fn(image, features), dtype=np.float64)[:, class_index]
+
+    explainer = shap.KernelExplainer(explained_output, background_codes, feature_names=list(SHAP_VARIABLES))
+    # Three variables: 2**3 - 2 coalitions, all enumerated (nsamples is capped there), and no
+    # L1 feature selection, so the regression returns the exact Shapley values.
+    values = np.asarray(explainer.shap_values(x, l1_reg=False, silent=True), dtype=np.float64).reshape(-1)
+    return {
+        "base_value": float(np.asarray(explainer.expected_value).reshape(-1)[0]),
+        "values": {name: float(v) for name, v in zip(SHAP_VARIABLES, values, strict=True)},
+        "output": float(explained_output(x)[0]),
+        "class_index": int(class_index),
+        "background_size": len(background),
+    }
+
+
+def training_background(processed_dir: Path, size: int, seed: int) -> pd.DataFrame:
+    """``size`` training cases' raw ``age, sex, localization`` from ``cases.csv``, sampled with ``seed``."""
+    from tasks.preprocess import CASES_FILE
+
+    path = Path(processed_dir) / CASES_FILE
+    if not path.exists():
+        raise DataError(f"{path} not found: run `skinrisk preprocess` first")
+    cases = pd.read_csv(path, usecols=["split", *SHAP_VARIABLES], keep_default_na=False, na_values={"age": [""]})
+    train = cases.loc[cases["split"] == "train", list(SHAP_VARIABLES)].reset_index(drop=True)
+    if train.empty:
+        raise DataError(f"{path} has no training rows to draw the SHAP background from")
+    if len(train) > size:
+        train = train.sample(n=size, random_state=seed).reset_index(drop=True)
+    return train
+
+
+def neutral_background(encoder: ClinicalEncoder) -> pd.DataFrame:
+    """A reference population when no training data is at hand: every sex x site, at median age.
+
+    SHAP values against it read as "compared with a median-aged patient (the encoder's
+    ``age_fill``, the training median), averaged evenly over every sex and site". It needs only
+    the encoder, so it works for a registered model without its processed data; pass
+    :func:`training_background` instead to compare with the training population.
+    """
+    rows = [(encoder.age_fill, sex, site) for sex in encoder.sexes for site in encoder.localizations]
+    return pd.DataFrame(rows, columns=list(SHAP_VARIABLES))
+
+
+# ---------------------------------------------------------------------------------------------
+# SHAP: rendering
+
+
+def _display_value(name: str, value: Any) -> str:
+    if name == "age":
+        return "unknown" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+    return str(value)
+
+
+def plot_case_shap(result: Mapping[str, Any], raw_clinical: Mapping[str, Any], path: Path, *, level: str) -> None:
+    """Waterfall of one case: from the base value, each variable's push, to the model output."""
+    values = result["values"]
+    order = sorted(values, key=lambda name: abs(values[name]), reverse=True)
+    base, output = result["base_value"], result["output"]
+    fig, ax = plt.subplots(figsize=(6.5, 2.8), layout="constrained")
+    running = base
+    for row, name in enumerate(order):
+        value = values[name]
+        ax.barh(row, value, left=running, color="C3" if value > 0 else "C0", height=0.6)
+        ax.text(
+            running + value,
+            row,
+            f" {value:+.3f} ",
+            va="center",
+            ha="left" if value >= 0 else "right",
+            fontsize=8,
+        )
+        running += value
+    ax.axvline(base, color="grey", linestyle=":", label=f"base value {base:.3f}")
+    ax.axvline(output, color="black", linestyle="--", label=f"this case {output:.3f}")
+    ax.set_yticks(range(len(order)), labels=[f"{name} = {_display_value(name, raw_clinical[name])}" for name in order])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"P({level} risk), image held fixed")
+    ax.set_title("Clinical variables' SHAP values")
+    ax.legend(loc="best", fontsize=7)
+    # Bars stick to their left edges, so margins() would not pad: set the limits outright.
+    ends = [base, output, *np.cumsum([values[name] for name in order]) + base]
+    low, high = min(ends), max(ends)
+    pad = 0.3 * (high - low) or 0.01
+    ax.set_xlim(low - pad, high + pad)
+    _save_figure(fig, path)
+
+
+def plot_shap_summary(table: pd.DataFrame, path: Path) -> None:
+    """Mean |SHAP| per variable for the predicted level: all cases, then by predicted level."""
+    columns = [f"shap_{name}" for name in SHAP_VARIABLES]
+    groups = [("all cases", table)]
+    groups += [
+        (f"predicted {level}", table.loc[table["predicted_level"] == level])
+        for level in RISK_LEVELS
+        if (table["predicted_level"] == level).any()
+    ]
+    height = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(SHAP_VARIABLES) * len(groups) / 2), layout="constrained")
+    positions = np.arange(len(SHAP_VARIABLES))
+    for k, (label, rows) in enumerate(groups):
+        ax.barh(positions + k * height, rows[columns].abs().mean().to_numpy(), height, label=f"{label} (n={len(rows)})")
+    ax.set_yticks(positions + height * (len(groups) - 1) / 2, labels=list(SHAP_VARIABLES))
+    ax.invert_yaxis()
+    ax.set_xlabel("mean |SHAP value| on P(predicted level)")
+    ax.set_title("Clinical variables' influence, image held fixed")
+    ax.legend(fontsize=7, loc="best")
+    _save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage: the test split
+
+
+def select_cases(
+    y_true: np.ndarray, probs: np.ndarray, cases_per_level: int, confidently_wrong: int
+) -> list[tuple[int, str]]:
+    """(index, reason) of the cases to show, in order.
+
+    Per true level, its most confident correct predictions (``correct``), topped up with the
+    level's other cases by P(true level) where too few are correct (``top_up``); then the most
+    confident wrong predictions not already chosen (``confidently_wrong``).
+    """
+    y_true = np.asarray(y_true)
+    predicted = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    chosen: list[tuple[int, str]] = []
+    for level in range(len(RISK_LEVELS)):
+        members = np.flatnonzero(y_true == level)
+        by_confidence = members[np.argsort(-probs[members, level], kind="stable")]
+        correct = [int(i) for i in by_confidence if predicted[i] == level][:cases_per_level]
+        chosen += [(i, "correct") for i in correct]
+        others = [int(i) for i in by_confidence if predicted[i] != level]
+        chosen += [(i, "top_up") for i in others[: cases_per_level - len(correct)]]
+    taken = {i for i, _ in chosen}
+    wrong = np.flatnonzero(predicted != y_true)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")]
+    chosen += [(int(i), "confidently_wrong") for i in wrong if int(i) not in taken][:confidently_wrong]
+    return chosen
+
+
+def _probabilities_dict(probs: np.ndarray) -> dict[str, float]:
+    return {level: round(float(p), 6) for level, p in zip(RISK_LEVELS, probs, strict=True)}
+
+
+def explain_test_cases(
+    model_path: Path,
+    processed_dir: Path,
+    out_dir: Path,
+    params: ExplainParams,
+    *,
+    run_id: str | None = None,
+) -> dict:
+    """Explain chosen test cases (Grad-CAM + SHAP) and summarise SHAP over the test split.
+
+    Writes ``out_dir`` atomically: ``gradcam/<image_id>.png`` per chosen case (see
+    :func:`select_cases`), ``gradcam_grid.png``, ``shap_summary.png`` and ``shap_values.csv``
+    over up to ``params.shap_cases`` test cases (sampled with ``params.seed``), and
+    ``explanations.json``. SHAP integrates over ``params.shap_background`` training cases.
+    With ``run_id`` the folder is logged to that MLflow run under ``explain/``.
+    """
+    from tasks.dataset import load_split
+    from tasks.evaluate import Bundle, json_safe, predict_risk
+    from tasks.images import normalize_for_mobilenet
+    from tasks.model import load_model
+    from tasks.preprocess import CASES_FILE, ENCODER_FILE, read_preprocess_summary
+
+    processed_dir, out_dir = Path(processed_dir), Path(out_dir)
+    bundle = Bundle(
+        model=load_model(Path(model_path)),
+        encoder=ClinicalEncoder.load(processed_dir / ENCODER_FILE),
+        summary=read_preprocess_summary(processed_dir),
+        operating_point=None,
+    )
+    test = load_split(processed_dir, "test")
+    cases = pd.read_csv(processed_dir / CASES_FILE, keep_default_na=False, na_values={"age": [""]})
+    raw_test = cases.set_index("image_id").loc[test.image_id, list(SHAP_VARIABLES)].reset_index(drop=True)
+    probs = predict_risk(bundle, test.images, test.clinical)
+    predicted = probs.argmax(axis=1)
+    assignment = bundle_assignment(bundle)
+    predictor = risk_predictor(bundle.model, assignment)
+    background = training_background(processed_dir, params.shap_background, params.seed)
+
+    shap_results: dict[int, dict] = {}
+
+    def shap_of(i: int) -> dict:
+        if i not in shap_results:
+            shap_results[i] = clinical_shap(
+                predictor,
+                normalize_for_mobilenet(test.images[i]),
+                raw_test.iloc[i],
+                background,
+                bundle.encoder,
+                int(predicted[i]),
+                seed=params.seed,
+            )
+        return shap_results[i]
+
+    rng = np.random.default_rng(params.seed)
+    summary_indices = np.sort(rng.choice(len(test), size=min(params.shap_cases, len(test)), replace=False))
+    shap_rows = []
+    for i in summary_indices:
+        result = shap_of(int(i))
+        raw = raw_test.iloc[int(i)]
+        shap_rows.append(
+            {
+                "image_id": str(test.image_id[i]),
+                "true_level": RISK_LEVELS[int(test.risk[i])],
+                "predicted_level": RISK_LEVELS[int(predicted[i])],
+                "age": raw["age"],
+                "sex": raw["sex"],
+                "localization": raw["localization"],
+                "base_value": result["base_value"],
+                **{f"shap_{name}": result["values"][name] for name in SHAP_VARIABLES},
+                "output": result["output"],
+            }
+        )
+    shap_table = pd.DataFrame(shap_rows)
+
+    chosen = select_cases(test.risk, probs, params.cases_per_level, params.confidently_wrong)
+    explained: list[dict] = []
+    views: list[CaseView] = []
+    with atomic_directory(out_dir) as staging:
+        for i, reason in chosen:
+            image_id = str(test.image_id[i])
+            cam = risk_level_gradcam(
+                bundle.model,
+                normalize_for_mobilenet(test.images[i]),
+                test.clinical[i],
+                assignment,
+                level_index=int(predicted[i]),
+            )
+            overlay = save_overlay(
+                test.images[i], cam.heatmap, staging / GRADCAM_DIR / f"{image_id}.png", params.overlay_alpha
+            )
+            result = shap_of(i)
+            raw = raw_test.iloc[i]
+            explained.append(
+                {
+                    "image_id": image_id,
+                    "reason": reason,
+                    "true_level": RISK_LEVELS[int(test.risk[i])],
+                    "predicted_level": RISK_LEVELS[int(predicted[i])],
+                    "probabilities": _probabilities_dict(probs[i]),
+                    "clinical": {name: raw[name] for name in SHAP_VARIABLES},
+                    "shap": result,
+                    "gradcam": heatmap_stats(cam.heatmap, test.images.shape[1:3]),
+                }
+            )
+            views.append(
+                CaseView(
+                    image_id=image_id,
+                    image=test.images[i],
+                    overlay=overlay,
+                    predicted_level=RISK_LEVELS[int(predicted[i])],
+                    probabilities=_probabilities_dict(probs[i]),
+                    true_level=RISK_LEVELS[int(test.risk[i])],
+                )
+            )
+        save_case_grid(views, staging / GRID_FILE)
+        plot_shap_summary(shap_table, staging / SHAP_SUMMARY_FILE)
+        with atomic_path(staging / SHAP_VALUES_FILE) as tmp:
+            shap_table.to_csv(tmp, index=False)
+        report = json_safe(
+            {
+                "target": bundle.target,
+                "n_test_images": len(test),
+                "cases": explained,
+                "shap_summary": {
+                    "n_cases": len(shap_table),
+                    "background_size": len(background),
+                    "mean_abs": {name: float(shap_table[f"shap_{name}"].abs().mean()) for name in SHAP_VARIABLES},
+                },
+                "params": params.model_dump(),
+            }
+        )
+        write_json(staging / EXPLANATIONS_FILE, report)
+
+    if run_id:
+        from tasks.tracking import log_artifacts
+
+        log_artifacts(run_id, [out_dir], artifact_path="explain")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# One case, from the clinic's fields
+
+
+def validate_case(encoder: ClinicalEncoder, age: float | str | None, sex: str, site: str) -> dict[str, Any]:
+    """The raw clinical fields, checked against the model's encoder; DataError says what is wrong."""
+    try:
+        age_value = parse_age(age, where="clinical input")
+    except DataError as exc:
+        raise DataError(f"{exc}; give the age in years (0-100), or none when unknown") from None
+    if math.isnan(age_value) and encoder.missing_policy == "drop":
+        raise DataError(
+            "age missing, and this model was trained only on cases with a known age "
+            "(preprocess.missing_clinical=drop); give the age in years"
+        )
+    if sex not in encoder.sexes:
+        raise DataError(f"unknown sex {sex!r}; accepted: {list(encoder.sexes)}")
+    if site not in encoder.localizations:
+        raise DataError(f"unknown site (localization) {site!r}; accepted: {list(encoder.localizations)}")
+    return {"age": age_value, "sex": sex, "localization": site}
+
+
+def explain_case(
+    bundle,
+    image: Path,
+    age: float | None,
+    sex: str,
+    site: str,
+    out_dir: Path,
+    params: ExplainParams,
+    *,
+    background: pd.DataFrame | None = None,
+) -> dict:
+    """Score and explain one case: risk probabilities, Grad-CAM overlay, clinical SHAP values.
+
+    ``bundle`` is a :class:`tasks.evaluate.Bundle` (e.g. from ``load_bundle``). Writes
+    ``out_dir/gradcam.png``, ``out_dir/shap.png`` and ``out_dir/explanation.json`` (each
+    atomically) and returns the JSON's content. The explained level is the predicted one.
+    ``background`` holds raw ``age, sex, localization`` rows for SHAP (e.g.
+    :func:`training_background`); without it :func:`neutral_background` is used.
+    """
+    from tasks.evaluate import json_safe
+    from tasks.images import load_image, normalize_for_mobilenet
+
+    image = Path(image)
+    raw = validate_case(bundle.encoder, age, sex, site)
+    if not image.is_file():
+        raise DataError(f"image {image} not found (or not a file): give the path of a JPEG or PNG file")
+    pixels = load_image(image, int(bundle.summary["image_size"]))
+    normalized = normalize_for_mobilenet(pixels)
+    clinical = bundle.encoder.transform(pd.DataFrame({name: [raw[name]] for name in SHAP_VARIABLES}))[0]
+
+    assignment = bundle_assignment(bundle)
+    cam = risk_level_gradcam(bundle.model, normalized, clinical, assignment)
+    level = RISK_LEVELS[cam.level_index]
+    if background is None:
+        background_source = "neutral: median training age with every sex and site"
+        background = neutral_background(bundle.encoder)
+    else:
+        background_source = f"given: {len(background)} case(s)"
+    shap_result = clinical_shap(
+        risk_predictor(bundle.model, assignment),
+        normalized,
+        raw,
+        background,
+        bundle.encoder,
+        cam.level_index,
+        background_size=params.shap_background,
+        seed=params.seed,
+    )
+
+    payload: dict[str, Any] = {
+        "image": str(image),
+        "clinical": raw,
+        "probabilities": _probabilities_dict(cam.risk_probabilities),
+        "risk_level": level,
+        "explained_level": level,
+        "shap": {**shap_result, "background": background_source},
+        "gradcam": heatmap_stats(cam.heatmap, pixels.shape[:2]),
+    }
+    if bundle.operating_point:
+        threshold = float(bundle.operating_point["threshold"])
+        payload["threshold"] = threshold
+        payload["refer"] = bool(cam.risk_probabilities[_HIGH] >= threshold)
+    payload = json_safe(payload)
+
+    out_dir = Path(out_dir)
+    save_overlay(pixels, cam.heatmap, out_dir / CASE_GRADCAM_FILE, params.overlay_alpha)
+    plot_case_shap(shap_result, raw, out_dir / CASE_SHAP_FILE, level=level)
+    write_json(out_dir / CASE_EXPLANATION_FILE, payload)
+    return payload

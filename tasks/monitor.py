@@ -1,0 +1,1082 @@
+"""The monitor stage: does a new batch of cases still look like the data the model was trained on?
+
+At training time :func:`build_reference_profile` summarises up to ``monitor.reference_size``
+training lesions (one image each) in one file (``models/reference_profile.parquet``): their
+clinical metadata, image statistics, the principal components of the model's image embeddings
+(the PCA itself is kept, so batches are projected the same way) and the predicted risk
+distribution, plus the clinical encoder and preprocessing the model was trained with, so the
+profile and the model file are all that monitoring needs.
+
+:func:`monitor_batch` computes the same columns for a batch (HAM10000 layout, or a cases CSV beside
+its images; no labels needed), runs an Evidently data-drift report against the reference, writes
+``drift_report.html``, ``drift_report.json`` and ``drift_summary.json``, logs one run to the MLflow
+experiment ``skinrisk-monitoring`` and, when the share of drifted columns reaches
+``monitor.drift_share``, asks Prefect to run the retraining deployment.
+
+Batches are tested one image per lesion where lesion ids are known, like the reference: images of
+one lesion are not independent cases. Drift tests, per column, at ``monitor.stattest_threshold``
+(a p-value): two-sample Kolmogorov-Smirnov for numerical columns and a two-sample chi-square test
+of homogeneity for categorical ones (Evidently's own ``chisquare`` treats the reference as exact,
+so a single case of a body site absent from the reference would count as drift).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+import warnings
+import weakref
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.atomic import atomic_path, write_json, write_text
+from tasks.clinical import ClinicalEncoder, parse_age
+from tasks.errors import DataError, SkinriskError
+from tasks.params import MonitorParams
+from tasks.schema import LOCALIZATIONS, RISK_LEVELS, SEXES
+
+if TYPE_CHECKING:
+    from tasks.evaluate import Bundle
+
+MONITORING_EXPERIMENT = "skinrisk-monitoring"
+REFERENCE_FILE = "reference_profile.parquet"
+REPORT_HTML = "drift_report.html"
+REPORT_JSON = "drift_report.json"
+SUMMARY_FILE = "drift_summary.json"
+PROFILE_FORMAT = 1
+_META_KEY = b"skinrisk.reference_profile"
+
+CLINICAL_COLUMNS: tuple[str, ...] = ("age", "sex", "localization")
+IMAGE_COLUMNS: tuple[str, ...] = ("brightness", "contrast", "mean_red", "mean_green", "mean_blue", "sharpness")
+SIZE_COLUMNS: tuple[str, ...] = ("image_width", "image_height")  # of the original files, when known
+PREDICTION_COLUMNS: tuple[str, ...] = (*(f"p_{level}" for level in RISK_LEVELS), "predicted_level")
+CATEGORICAL_COLUMNS: frozenset[str] = frozenset({"sex", "localization", "predicted_level"})
+GROUPS: tuple[str, ...] = ("clinical", "image", "embedding", "prediction")
+
+NUMERICAL_STATTEST = "ks"
+CATEGORICAL_STATTEST = "chi2_homogeneity"
+_MIN_EXPECTED = 5  # categories expected fewer times than this (in either sample) are pooled
+
+# ITU-R BT.601 luma weights: brightness and contrast as a person would judge them.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+# --- image statistics and embeddings ---------------------------------------------------------
+
+
+def image_statistics(images: np.ndarray) -> pd.DataFrame:
+    """Per-image brightness, contrast, mean colour and sharpness of uint8 RGB images (N x H x W x 3).
+
+    Brightness and contrast are the mean and standard deviation of luminance; sharpness is the
+    variance of its 4-neighbour Laplacian (blur lowers it). Computed on the model-size images, so
+    the reference and every batch are measured after the same decoding and resizing.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected N x H x W x 3 images, got shape {images.shape}")
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in IMAGE_COLUMNS}
+    for start in range(0, len(images), 256):  # bounded memory for large batches
+        block = images[start : start + 256].astype(np.float32)
+        luma = block @ _LUMA
+        laplacian = (
+            luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1] + luma[:, 1:-1, :-2] + luma[:, 1:-1, 2:] - 4.0 * luma[:, 1:-1, 1:-1]
+        )
+        columns["brightness"].append(luma.mean(axis=(1, 2)))
+        columns["contrast"].append(luma.std(axis=(1, 2)))
+        for channel, name in enumerate(("mean_red", "mean_green", "mean_blue")):
+            columns[name].append(block[..., channel].mean(axis=(1, 2)))
+        columns["sharpness"].append(laplacian.reshape(len(block), -1).var(axis=1))
+    return pd.DataFrame(
+        {name: np.concatenate(parts).astype(np.float64) if parts else np.zeros(0) for name, parts in columns.items()}
+    )
+
+
+def original_sizes(paths: list[Path]) -> pd.DataFrame:
+    """Width and height of image files as stored (headers only, nothing is decoded)."""
+    from PIL import Image
+
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sizes.append(image.size)
+        except OSError as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from exc
+    return pd.DataFrame(sizes, columns=list(SIZE_COLUMNS), dtype=np.float64)
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of the model's weights: the same whether it was loaded from a file or from MLflow."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What one forward pass gives for a set of cases: pooled image embeddings and risk probabilities."""
+
+    embeddings: np.ndarray  # N x D
+    risk_probs: np.ndarray  # N x len(RISK_LEVELS)
+
+
+# One two-output view per loaded model, so repeated batches reuse its compiled predict function.
+_OUTPUT_MODELS: dict[int, tuple[weakref.ref, Any]] = {}
+
+
+def model_outputs(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch_size: int = 64) -> ModelOutputs:
+    """Embeddings (``POOLED_LAYER``) and risk probabilities in one pass (as ``predict_risk`` scores)."""
+    import keras
+
+    from tasks.images import normalize_for_mobilenet
+    from tasks.metrics import risk_probabilities
+    from tasks.model import POOLED_LAYER
+
+    model = bundle.model
+    cached = _OUTPUT_MODELS.get(id(model))
+    if cached is None or cached[0]() is not model:
+        both = keras.Model(model.inputs, [model.get_layer(POOLED_LAYER).output, model.output])
+        cached = _OUTPUT_MODELS[id(model)] = (weakref.ref(model), both)
+    both = cached[1]
+    embeddings, probs = [], []
+    for start in range(0, len(images), 512):  # bounded memory for large batches
+        block_embeddings, block_probs = both.predict(
+            {
+                "image": normalize_for_mobilenet(images[start : start + 512]),
+                "clinical": clinical[start : start + 512],
+            },
+            batch_size=batch_size,
+            verbose=0,
+        )
+        embeddings.append(block_embeddings)
+        probs.append(block_probs)
+    if not embeddings:
+        raise DataError("no cases to score")
+    risk = risk_probabilities(
+        np.concatenate(probs), bundle.target, bundle.summary["diagnoses"], bundle.summary["risk_map"]
+    )
+    return ModelOutputs(np.concatenate(embeddings).astype(np.float64), np.asarray(risk, dtype=np.float64))
+
+
+# --- the reference profile -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddingPCA:
+    """Principal components of the training embeddings; batches are projected onto the same axes."""
+
+    components: np.ndarray  # k x D
+    mean: np.ndarray  # D
+    explained_variance_ratio: np.ndarray  # k
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, n_components: int, seed: int) -> EmbeddingPCA:
+        from sklearn.decomposition import PCA
+
+        k = max(1, min(n_components, embeddings.shape[0] - 1, embeddings.shape[1]))
+        pca = PCA(n_components=k, svd_solver="full", random_state=seed).fit(embeddings)
+        ratio = np.nan_to_num(pca.explained_variance_ratio_, nan=0.0)  # constant embeddings: no variance
+        return cls(pca.components_.astype(np.float64), pca.mean_.astype(np.float64), ratio.astype(np.float64))
+
+    @property
+    def column_names(self) -> list[str]:
+        return [f"embedding_pc{i + 1}" for i in range(len(self.components))]
+
+    def project(self, embeddings: np.ndarray) -> pd.DataFrame:
+        if embeddings.shape[1] != self.components.shape[1]:
+            raise SkinriskError(
+                f"the model's embeddings have {embeddings.shape[1]} dimensions, the reference profile's "
+                f"PCA expects {self.components.shape[1]}: the profile was built for another model"
+            )
+        scores = (embeddings - self.mean) @ self.components.T
+        return pd.DataFrame(scores, columns=self.column_names)
+
+    def to_json(self) -> dict:
+        return {
+            "components": self.components.tolist(),
+            "mean": self.mean.tolist(),
+            "explained_variance_ratio": self.explained_variance_ratio.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, payload: dict) -> EmbeddingPCA:
+        return cls(
+            np.asarray(payload["components"], dtype=np.float64),
+            np.asarray(payload["mean"], dtype=np.float64),
+            np.asarray(payload["explained_variance_ratio"], dtype=np.float64),
+        )
+
+
+def profile_table(
+    frame: pd.DataFrame,
+    stats: pd.DataFrame,
+    outputs: ModelOutputs,
+    pca: EmbeddingPCA,
+    sizes: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The monitored columns of a set of cases, in the same layout for the reference and a batch."""
+    n = len(frame)
+    if not (len(stats) == len(outputs.embeddings) == len(outputs.risk_probs) == n):
+        raise ValueError("frame, image statistics and model outputs must describe the same cases")
+    table = pd.DataFrame(
+        {
+            "image_id": frame["image_id"].astype(str).to_numpy(),
+            "age": frame["age"].astype(float).to_numpy(),
+            "sex": frame["sex"].astype(str).to_numpy(),
+            "localization": frame["localization"].astype(str).to_numpy(),
+        }
+    )
+    parts = [table, stats.reset_index(drop=True)]
+    if sizes is not None:
+        parts.append(sizes.reset_index(drop=True))
+    parts.append(pca.project(outputs.embeddings))
+    predictions = pd.DataFrame(outputs.risk_probs, columns=[f"p_{level}" for level in RISK_LEVELS])
+    predictions["predicted_level"] = np.asarray(RISK_LEVELS, dtype=object)[outputs.risk_probs.argmax(axis=1)]
+    parts.append(predictions)
+    return pd.concat(parts, axis=1)
+
+
+def column_groups(table: pd.DataFrame, pca: EmbeddingPCA) -> dict[str, list[str]]:
+    """Monitored columns by group; the original image size only where the table has it."""
+    image = [*IMAGE_COLUMNS, *(c for c in SIZE_COLUMNS if c in table.columns)]
+    return {
+        "clinical": list(CLINICAL_COLUMNS),
+        "image": image,
+        "embedding": pca.column_names,
+        "prediction": list(PREDICTION_COLUMNS),
+    }
+
+
+@dataclass(frozen=True)
+class ReferenceProfile:
+    """The reference table plus what a batch needs to be described the same way."""
+
+    table: pd.DataFrame
+    pca: EmbeddingPCA
+    encoder: ClinicalEncoder
+    preprocess: dict  # preprocess.json of the training data (image size, classes, risk map)
+    meta: dict  # model fingerprint, sizes, provenance
+
+    @property
+    def image_size(self) -> int:
+        return int(self.preprocess["image_size"])
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return column_groups(self.table, self.pca)
+
+    def save(self, path: Path) -> Path:
+        """Write one Parquet file (the table; the rest as JSON in its schema metadata), atomically."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        payload = {
+            **self.meta,
+            "format": PROFILE_FORMAT,
+            "pca": self.pca.to_json(),
+            "encoder": asdict(self.encoder),
+            "preprocess": self.preprocess,
+        }
+        arrow = pa.Table.from_pandas(self.table, preserve_index=False)
+        arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), _META_KEY: json.dumps(payload)})
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            pq.write_table(arrow, tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> ReferenceProfile:
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if not path.exists():
+            raise SkinriskError(
+                f"reference profile {path} not found: build it from the training data first "
+                "(tasks.monitor.build_reference_profile, run after training)"
+            )
+        try:
+            arrow = pq.read_table(path)
+            payload = json.loads((arrow.schema.metadata or {})[_META_KEY])
+        except (KeyError, OSError, ValueError) as exc:
+            raise SkinriskError(f"{path} is not a skinrisk reference profile ({exc}); rebuild it") from exc
+        if payload.get("format") != PROFILE_FORMAT:
+            raise SkinriskError(
+                f"{path} has profile format {payload.get('format')}, this code reads {PROFILE_FORMAT}; rebuild it"
+            )
+        encoder = dict(payload.pop("encoder"))
+        encoder["sexes"] = tuple(encoder["sexes"])
+        encoder["localizations"] = tuple(encoder["localizations"])
+        return cls(
+            table=arrow.to_pandas(),
+            pca=EmbeddingPCA.from_json(payload.pop("pca")),
+            encoder=ClinicalEncoder(**encoder),
+            preprocess=payload.pop("preprocess"),
+            meta=payload,
+        )
+
+    def bundle(self, model) -> Bundle:
+        """A scoring bundle of ``model`` with the encoder and preprocessing the profile recorded."""
+        from tasks.evaluate import Bundle
+
+        return Bundle(model=model, encoder=self.encoder, summary=self.preprocess, operating_point=None)
+
+
+def fit_reference(
+    bundle: Bundle,
+    frame: pd.DataFrame,
+    images: np.ndarray,
+    params: MonitorParams,
+    *,
+    sizes: pd.DataFrame | None = None,
+    meta: dict | None = None,
+) -> ReferenceProfile:
+    """Describe ``frame``/``images`` (training cases) as a reference: features, PCA, predictions."""
+    clinical = bundle.encoder.transform(frame)
+    outputs = model_outputs(bundle, images, clinical)
+    pca = EmbeddingPCA.fit(outputs.embeddings, params.embedding_components, params.seed)
+    table = profile_table(frame, image_statistics(images), outputs, pca, sizes)
+    return ReferenceProfile(
+        table=table,
+        pca=pca,
+        encoder=bundle.encoder,
+        preprocess=dict(bundle.summary),
+        meta={
+            "model_fingerprint": model_fingerprint(bundle.model),
+            "n_reference": len(table),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "monitor_params": params.model_dump(mode="json"),
+            **(meta or {}),
+        },
+    )
+
+
+def build_reference_profile(
+    model_path: Path,
+    processed_dir: Path,
+    out_path: Path,
+    params: MonitorParams,
+    *,
+    raw_dir: Path | None = None,
+) -> Path:
+    """Build the reference profile from up to ``params.reference_size`` training cases; returns ``out_path``.
+
+    One image per training lesion (see :func:`one_per_lesion`), then a seeded sample of
+    ``params.reference_size`` lesions when there are more. Reads ``processed_dir/train.npz`` (images as the model saw them), ``cases.csv`` (raw age, sex
+    and site), ``encoder.json`` and ``preprocess.json``. With ``raw_dir`` (the import the data was
+    preprocessed from) the original image sizes are profiled too, and drift in them is then
+    monitored. The sample is drawn with ``params.seed``.
+    """
+    from tasks.dataset import load_split
+    from tasks.model import load_model
+    from tasks.preprocess import CASES_FILE, ENCODER_FILE, read_preprocess_summary
+    from tasks.schema import raw_image_path
+
+    processed_dir = Path(processed_dir)
+    train = load_split(processed_dir, "train")
+    cases_path = processed_dir / CASES_FILE
+    if not cases_path.exists():
+        raise DataError(f"{cases_path} not found: run `skinrisk preprocess` first")
+    cases = pd.read_csv(cases_path, dtype=str, keep_default_na=False).set_index("image_id")
+    cases["age"] = pd.to_numeric(cases["age"], errors="coerce")
+    train_ids = train.image_id.astype(str)
+    missing = [i for i in train_ids if i not in cases.index]
+    if missing:
+        raise DataError(f"{cases_path} lacks {len(missing)} training image(s), e.g. {missing[:5]}; rerun preprocess")
+
+    # One image per lesion (see one_per_lesion), then at most reference_size of them.
+    rows = one_per_lesion(cases.loc[train_ids, "lesion_id"].to_numpy(), params.seed)
+    rng = np.random.default_rng(params.seed)
+    if len(rows) > params.reference_size:
+        rows = np.sort(rng.choice(rows, size=params.reference_size, replace=False))
+    image_ids = train_ids[rows]
+    frame = cases.loc[image_ids, ["age", "sex", "localization"]].reset_index()
+
+    sizes = None
+    if raw_dir is not None:
+        paths = [raw_image_path(Path(raw_dir), i) for i in image_ids]
+        if all(p.exists() for p in paths):
+            sizes = original_sizes(paths)
+
+    from tasks.evaluate import Bundle
+
+    bundle = Bundle(
+        model=load_model(Path(model_path)),
+        encoder=ClinicalEncoder.load(processed_dir / ENCODER_FILE),
+        summary=read_preprocess_summary(processed_dir),
+        operating_point=None,
+    )
+    profile = fit_reference(
+        bundle,
+        frame,
+        train.images[rows],
+        params,
+        sizes=sizes,
+        meta={
+            "model_path": str(model_path),
+            "processed_dir": str(processed_dir),
+            "n_training_images": len(train),
+            "n_training_lesions": int(cases.loc[train_ids, "lesion_id"].nunique()),
+            "original_sizes": sizes is not None,
+        },
+    )
+    return profile.save(Path(out_path))
+
+
+# --- reading a batch -------------------------------------------------------------------------
+
+
+def one_per_lesion(lesion_ids: pd.Series | np.ndarray, seed: int) -> np.ndarray:
+    """Sorted row positions keeping one randomly chosen image of each lesion (rows without an id all stay).
+
+    The drift tests assume independent cases; several images of one lesion share its site, the
+    patient's age and most of its look, and would make every test over-confident (HAM10000 has
+    about 1.3 images per lesion).
+    """
+    ids = pd.Series(np.asarray(lesion_ids, dtype=object)).fillna("").astype(str).str.strip()
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = ids.iloc[order]
+    keep = (shuffled == "") | ~shuffled.duplicated()
+    return np.sort(order[keep.to_numpy()])
+
+
+@dataclass(frozen=True)
+class BatchCases:
+    """A batch's rows (``image_id, lesion_id, age, sex, localization``) and their image files.
+
+    ``lesion_id`` is empty where the source does not say which images show the same lesion.
+    """
+
+    frame: pd.DataFrame
+    paths: list[Path]
+    kind: str  # "ham10000" or "cases_csv"
+
+
+def _checked_clinical(table: pd.DataFrame, source: Path, first_line: int = 2) -> pd.DataFrame:
+    """Parsed age and checked sex/site, with errors naming the file and line."""
+    ages = [
+        parse_age(value, where=f"{source} line {line}") for line, value in enumerate(table["age"].tolist(), first_line)
+    ]
+    for column, accepted in (("sex", SEXES), ("localization", LOCALIZATIONS)):
+        bad = ~table[column].isin(accepted)
+        if bad.any():
+            position = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(
+                f"{source} line {position + first_line}: {column} {table[column].iloc[position]!r} is not one of "
+                f"{list(accepted)} ({int(bad.sum())} row(s) in all)"
+            )
+    return table.assign(age=ages)
+
+
+def read_batch(batch: Path, scratch: Path, images_dir: Path | None = None) -> BatchCases:
+    """The cases of ``batch``: a HAM10000 folder or zip (imported into ``scratch``) or a cases CSV.
+
+    A cases CSV has the columns ``image`` (a file path relative to ``images_dir``, by default the
+    CSV's folder), ``age``, ``sex`` and ``localization``; labels are not needed.
+    """
+    from tasks.metadata import read_metadata_table
+
+    batch = Path(batch)
+    if batch.is_file() and batch.suffix.lower() in (".csv", ".tsv"):
+        table = read_metadata_table(batch)
+        missing = [c for c in ("image", *CLINICAL_COLUMNS) if c not in table.columns]
+        if missing:
+            raise DataError(
+                f"{batch}: missing column(s) {missing}; found {list(table.columns)}. A cases CSV has "
+                "image (path relative to the images folder), age, sex, localization"
+            )
+        root = Path(images_dir) if images_dir is not None else batch.parent
+        paths = [root / name for name in table["image"]]
+        absent = [(line, str(p)) for line, p in enumerate(paths, 2) if not p.is_file()]
+        if absent:
+            raise DataError(
+                f"{batch}: {len(absent)} image(s) not found under {root}, e.g. line {absent[0][0]}: {absent[0][1]}"
+                + (" (pass the images folder)" if images_dir is None else "")
+            )
+        frame = _checked_clinical(table, batch).assign(
+            image_id=[Path(name).stem for name in table["image"]],
+            lesion_id=table["lesion_id"] if "lesion_id" in table.columns else "",
+        )
+        return BatchCases(
+            frame[["image_id", "lesion_id", *CLINICAL_COLUMNS]].reset_index(drop=True), paths, "cases_csv"
+        )
+
+    from tasks.ingest import import_dataset, read_raw_metadata
+    from tasks.schema import RAW_METADATA_FILE, raw_image_path
+
+    raw_dir = Path(scratch) / "raw"
+    import_dataset(batch, raw_dir, progress=False)
+    table = read_raw_metadata(raw_dir)
+    frame = _checked_clinical(table, raw_dir / RAW_METADATA_FILE)
+    paths = [raw_image_path(raw_dir, image_id) for image_id in frame["image_id"]]
+    return BatchCases(frame[["image_id", "lesion_id", *CLINICAL_COLUMNS]].reset_index(drop=True), paths, "ham10000")
+
+
+def profile_batch(
+    reference: ReferenceProfile,
+    bundle: Bundle,
+    frame: pd.DataFrame,
+    images: np.ndarray,
+    sizes: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """A batch's monitored columns, projected onto the reference's embedding components."""
+    outputs = model_outputs(bundle, images, bundle.encoder.transform(frame))
+    if not any(c in reference.table.columns for c in SIZE_COLUMNS):
+        sizes = None
+    return profile_table(frame, image_statistics(images), outputs, reference.pca, sizes)
+
+
+# --- drift -----------------------------------------------------------------------------------
+
+
+def _chi2_homogeneity(reference: pd.Series, current: pd.Series, feature_type, threshold: float) -> tuple[float, bool]:
+    """Two-sample chi-square test of homogeneity; rare categories are pooled so the test holds."""
+    from scipy.stats import chi2_contingency
+
+    ref_counts = reference.astype(str).value_counts()
+    cur_counts = current.astype(str).value_counts()
+    counts = pd.DataFrame({"reference": ref_counts, "current": cur_counts}).fillna(0.0)
+    totals = counts.sum(axis=0)
+    expected_smaller = counts.sum(axis=1) * totals.min() / totals.sum()
+    rare = expected_smaller < _MIN_EXPECTED
+    if rare.any() and (~rare).sum() >= 1:
+        counts = pd.concat([counts.loc[~rare], counts.loc[rare].sum().to_frame("(rare)").T])
+    if len(counts) < 2:
+        return 1.0, False  # one category in both samples: nothing can have shifted
+    p_value = float(chi2_contingency(counts.to_numpy().T, correction=False)[1])
+    return p_value, p_value < threshold
+
+
+def _register_stattests() -> None:
+    from evidently.legacy.calculations.stattests.registry import StatTest, register_stattest
+    from evidently.legacy.core import ColumnType
+
+    register_stattest(
+        StatTest(
+            name=CATEGORICAL_STATTEST,
+            display_name="chi-square two-sample p_value",
+            allowed_feature_types=[ColumnType.Categorical],
+            default_threshold=0.05,
+        ),
+        default_impl=_chi2_homogeneity,
+    )
+
+
+@dataclass(frozen=True)
+class ColumnDrift:
+    group: str
+    stattest: str
+    threshold: float
+    score: float | None  # p-value; None where undefined
+    drifted: bool
+
+
+@dataclass
+class DriftResult:
+    """Per-column drift of a batch against the reference, and the alarm decision."""
+
+    columns: dict[str, ColumnDrift]
+    skipped: dict[str, str]  # column -> why it was not tested
+    drift_share: float  # the alarm threshold
+    snapshot: Any = field(default=None, repr=False)  # the Evidently snapshot, when a report was run
+
+    @property
+    def n_columns(self) -> int:
+        return len(self.columns)
+
+    @property
+    def drifted_columns(self) -> list[str]:
+        return [name for name, column in self.columns.items() if column.drifted]
+
+    @property
+    def n_drifted(self) -> int:
+        return len(self.drifted_columns)
+
+    @property
+    def drifted_share(self) -> float:
+        return self.n_drifted / self.n_columns if self.n_columns else 0.0
+
+    @property
+    def alarm(self) -> bool:
+        return self.n_columns > 0 and self.drifted_share >= self.drift_share
+
+    def group_summary(self) -> dict[str, dict]:
+        summary = {}
+        for group in GROUPS:
+            names = [n for n, c in self.columns.items() if c.group == group]
+            drifted = [n for n in names if self.columns[n].drifted]
+            summary[group] = {
+                "n_columns": len(names),
+                "n_drifted": len(drifted),
+                "drifted_share": len(drifted) / len(names) if names else 0.0,
+                "drifted_columns": drifted,
+            }
+        return summary
+
+    def reason(self) -> str:
+        """Why the alarm is (or is not) raised, in one sentence naming the drifted columns."""
+        rule = ">=" if self.alarm else "<"
+        head = (
+            f"{self.n_drifted} of {self.n_columns} monitored columns drifted "
+            f"({self.drifted_share:.0%} {rule} alarm share {self.drift_share:.0%})"
+        )
+        details = [
+            f"{group}: {', '.join(info['drifted_columns'])}"
+            for group, info in self.group_summary().items()
+            if info["drifted_columns"]
+        ]
+        return head + (": " + "; ".join(details) if details else "")
+
+
+def _testable_columns(
+    reference: pd.DataFrame, current: pd.DataFrame, groups: dict[str, list[str]]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """column -> group for the columns with values on both sides; column -> why for the others."""
+    tested, skipped = {}, {}
+    for group, names in groups.items():
+        for name in names:
+            if name not in current.columns:
+                skipped[name] = "not in the batch"
+            elif reference[name].replace([np.inf, -np.inf], np.nan).dropna().empty:
+                skipped[name] = "no values in the reference"
+            elif current[name].replace([np.inf, -np.inf], np.nan).dropna().empty:
+                skipped[name] = "no values in the batch"
+            else:
+                tested[name] = group
+    return tested, skipped
+
+
+def detect_drift(
+    reference: pd.DataFrame, current: pd.DataFrame, groups: dict[str, list[str]], params: MonitorParams
+) -> DriftResult:
+    """Run the Evidently data-drift report on the monitored columns and read its per-column verdicts."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.presets import DataDriftPreset
+
+    _register_stattests()
+    tested, skipped = _testable_columns(reference, current, groups)
+    if not tested:
+        raise DataError("no monitored column has values in both the reference and the batch")
+    names = list(tested)
+    numerical = [n for n in names if n not in CATEGORICAL_COLUMNS]
+    categorical = [n for n in names if n in CATEGORICAL_COLUMNS]
+    definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
+
+    def dataset(table: pd.DataFrame):
+        frame = table[names].copy()
+        for name in categorical:
+            frame[name] = frame[name].astype(str)
+        return Dataset.from_pandas(frame, data_definition=definition)
+
+    report = Report(
+        [
+            DataDriftPreset(
+                columns=names,
+                drift_share=params.drift_share,
+                num_method=NUMERICAL_STATTEST,
+                cat_method=CATEGORICAL_STATTEST,
+                threshold=params.stattest_threshold,
+            )
+        ],
+        include_tests=True,
+    )
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        # Evidently correlates every pair of columns for its plots; constant ones warn, harmlessly.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        snapshot = report.run(current_data=dataset(current), reference_data=dataset(reference))
+    payload = snapshot.dict()
+    scores: dict[str, tuple[str, float, float | None]] = {}
+    for metric in payload["metrics"]:
+        config = metric.get("config", {})
+        if config.get("type", "").endswith("ValueDrift"):
+            value = metric.get("value")
+            score = float(value) if value is not None and math.isfinite(float(value)) else None
+            scores[config["column"]] = (str(config.get("method")), float(config.get("threshold")), score)
+    verdicts: dict[str, bool] = {}
+    for test in payload.get("tests", []):
+        params_ = test.get("metric_config", {}).get("params", {})
+        if params_.get("type", "").endswith("ValueDrift"):
+            verdicts[params_["column"]] = test.get("status") == "FAIL"
+    absent = [n for n in names if n not in scores or n not in verdicts]
+    if absent:
+        raise SkinriskError(f"the Evidently report has no drift verdict for {absent}; is evidently==0.7.23 installed?")
+    columns = {
+        name: ColumnDrift(tested[name], scores[name][0], scores[name][1], scores[name][2], verdicts[name])
+        for name in names
+    }
+    return DriftResult(columns, skipped, params.drift_share, snapshot)
+
+
+def column_drift(
+    reference: pd.DataFrame, current: pd.DataFrame, groups: dict[str, list[str]], params: MonitorParams
+) -> DriftResult:
+    """The same per-column verdicts as :func:`detect_drift`, from the same Evidently stattests, without
+    building a report (no plots: many times faster, for benchmarks over many batches)."""
+    from evidently.legacy.calculations.stattests.registry import get_stattest
+    from evidently.legacy.core import ColumnType
+
+    _register_stattests()
+    tested, skipped = _testable_columns(reference, current, groups)
+    columns = {}
+    for name, group in tested.items():
+        categorical = name in CATEGORICAL_COLUMNS
+        kind = ColumnType.Categorical if categorical else ColumnType.Numerical
+        ref = reference[name].replace([np.inf, -np.inf], np.nan).dropna()
+        cur = current[name].replace([np.inf, -np.inf], np.nan).dropna()
+        if categorical:
+            ref, cur = ref.astype(str), cur.astype(str)
+        method = CATEGORICAL_STATTEST if categorical else NUMERICAL_STATTEST
+        test = get_stattest(ref, cur, kind, method)
+        result = test(ref, cur, kind, params.stattest_threshold)
+        score = float(result.drift_score)
+        columns[name] = ColumnDrift(
+            group, method, params.stattest_threshold, score if math.isfinite(score) else None, bool(result.drifted)
+        )
+    return DriftResult(columns, skipped, params.drift_share)
+
+
+# --- retraining ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrainingOutcome:
+    """What became of a retraining request, for the summary, the MLflow tags and the console."""
+
+    requested: bool
+    triggered: bool
+    deployment: str
+    message: str
+    flow_run_id: str | None = None
+
+
+def trigger_retraining(deployment: str, reason: str) -> RetrainingOutcome:
+    """Start the Prefect deployment ``deployment`` ("flow/deployment") without waiting for it.
+
+    Never raises for a missing deployment or Prefect API: the outcome says what happened, so a
+    monitoring run still completes and records the alarm.
+    """
+    try:
+        from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
+        from prefect.settings import get_current_settings
+    except ImportError:  # pragma: no cover - prefect is a dependency
+        return RetrainingOutcome(True, False, deployment, "Prefect is not installed: no deployment to trigger")
+    api_url = get_current_settings().api.url
+    if not api_url:
+        return RetrainingOutcome(
+            True,
+            False,
+            deployment,
+            f"no deployment: PREFECT_API_URL is not set, so no Prefect server holds deployment {deployment!r}; "
+            "retraining was not triggered (start the server in infra/, deploy the training flow, or retrain by hand)",
+        )
+    if "/" not in deployment:
+        return RetrainingOutcome(
+            True,
+            False,
+            deployment,
+            f"no deployment: monitor.retrain_deployment={deployment!r} is not of the form 'flow-name/deployment-name'",
+        )
+    try:
+        flow_run = run_deployment(
+            name=deployment,
+            timeout=0,
+            tags=["skinrisk-monitoring", "drift-alarm"],
+            as_subflow=False,
+        )
+    except ObjectNotFound:
+        return RetrainingOutcome(
+            True,
+            False,
+            deployment,
+            f"no deployment named {deployment!r} is deployed on the Prefect API at {api_url}: retraining was not "
+            "triggered (deploy the training flow under that name, or set monitor.retrain_deployment)",
+        )
+    except Exception as exc:  # an unreachable or failing API raises many types
+        return RetrainingOutcome(
+            True,
+            False,
+            deployment,
+            f"no deployment could be triggered: the Prefect API at {api_url} failed ({type(exc).__name__}: {exc})",
+        )
+    return RetrainingOutcome(
+        True,
+        True,
+        deployment,
+        f"triggered deployment {deployment!r}: flow run {flow_run.name} ({flow_run.id}) because {reason}",
+        str(flow_run.id),
+    )
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MonitorResult:
+    summary_path: str
+    report_html: str
+    report_json: str
+    n_images: int  # received
+    n_tested: int  # with an age (when the model needs one), one per lesion
+    n_columns: int
+    n_drifted: int
+    drifted_share: float
+    drifted_columns: list[str]
+    alarm: bool
+    reason: str
+    retraining: RetrainingOutcome
+    run_id: str | None
+
+
+def start_monitoring_run(batch: Path | str, reference_path: Path | str, params: MonitorParams) -> str:
+    """Open this batch's run in the MLflow experiment ``skinrisk-monitoring``; returns its id."""
+    from tasks.tracking import start_run
+
+    return start_run(
+        f"monitor-{Path(batch).name}",
+        {f"monitor.{k}": v for k, v in params.model_dump(mode="json").items()},
+        {"batch": str(batch), "reference": str(reference_path)},
+        experiment=MONITORING_EXPERIMENT,
+    )
+
+
+def _resolve_bundle(model: Bundle | Path | str, reference: ReferenceProfile) -> Bundle:
+    from tasks.evaluate import Bundle
+
+    if isinstance(model, Bundle):
+        return model
+    text = str(model)
+    if "://" in text or text.startswith(("models:/", "runs:/")):
+        from tasks.evaluate import load_bundle
+
+        return load_bundle(text, Path("."), Path("."))  # MLflow URIs carry their own encoder
+    from tasks.model import load_model
+
+    return reference.bundle(load_model(Path(model)))
+
+
+def _json_number(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def monitor_batch(
+    reference_path: Path,
+    model: Bundle | Path | str,
+    batch: Path,
+    out_dir: Path,
+    params: MonitorParams,
+    *,
+    images_dir: Path | None = None,
+    run_id: str | None = None,
+    track: bool = True,
+    retrain: bool = True,
+) -> MonitorResult:
+    """Compare ``batch`` with the reference profile; write the report and summary; log; maybe retrain.
+
+    ``model`` is the model the profile was built with: a ``.keras`` path, an MLflow model URI
+    (``models:/skinrisk@champion``) or a loaded :class:`~tasks.evaluate.Bundle`. With ``run_id`` the
+    results are logged to that MLflow run (left open); otherwise, when ``track``, a new run is
+    opened in ``skinrisk-monitoring`` and closed. ``retrain=False`` records the alarm without
+    triggering the ``params.retrain_deployment``.
+    """
+    from tasks.evaluate import json_safe
+    from tasks.preprocess import decode_images
+
+    reference_path, batch, out_dir = Path(reference_path), Path(batch), Path(out_dir)
+    reference = ReferenceProfile.load(reference_path)
+    owns_run = run_id is None and track
+    if owns_run:
+        run_id = start_monitoring_run(batch, reference_path, params)
+    try:
+        bundle = _resolve_bundle(model, reference)
+        fingerprint = model_fingerprint(bundle.model)
+        if fingerprint != reference.meta.get("model_fingerprint"):
+            raise SkinriskError(
+                f"reference profile {reference_path} was built with another model (weights "
+                f"{str(reference.meta.get('model_fingerprint'))[:12]}, this one {fingerprint[:12]}): its embedding "
+                "components and predicted-risk distribution do not describe this model. Rebuild the profile for "
+                "the model you monitor (build_reference_profile)"
+            )
+        if int(bundle.summary["image_size"]) != reference.image_size:
+            raise SkinriskError(
+                f"the model takes {bundle.summary['image_size']}px images, the reference profile "
+                f"{reference.image_size}px: rebuild the profile"
+            )
+        with tempfile.TemporaryDirectory(prefix="skinrisk-monitor-") as scratch:
+            cases = read_batch(batch, Path(scratch), images_dir)
+            frame, paths = cases.frame, cases.paths
+            n_received = len(frame)
+            if bundle.encoder.missing_policy == "drop":  # as the model was trained: no case without an age
+                frame = frame.loc[frame["age"].notna()]
+            n_with_age = len(frame)
+            if frame.empty:
+                raise DataError(f"{batch}: no case left to monitor ({n_received} received, none with an age)")
+            frame = frame.iloc[one_per_lesion(frame["lesion_id"], params.seed)]
+            paths = [paths[i] for i in frame.index]
+            frame = frame.reset_index(drop=True)
+            sizes = original_sizes(paths)
+            images = decode_images(paths, reference.image_size, workers=1 if len(paths) < 400 else 0)
+        current = profile_batch(reference, bundle, frame, images, sizes)
+        drift = detect_drift(reference.table, current, reference.groups, params)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text(out_dir / REPORT_HTML, drift.snapshot.get_html_str(as_iframe=False))
+        write_text(out_dir / REPORT_JSON, drift.snapshot.json())
+
+        reason = drift.reason()
+        if not drift.alarm:
+            outcome = RetrainingOutcome(False, False, params.retrain_deployment, "no alarm: retraining not requested")
+        elif not retrain:
+            outcome = RetrainingOutcome(
+                False, False, params.retrain_deployment, "alarm raised, but retraining was disabled for this run"
+            )
+        else:
+            outcome = trigger_retraining(params.retrain_deployment, reason)
+
+        summary = json_safe(
+            {
+                "batch": str(batch),
+                "batch_kind": cases.kind,
+                "reference": str(reference_path),
+                "model_fingerprint": fingerprint,
+                "n_images": n_received,
+                "n_dropped_without_age": n_received - n_with_age,
+                "n_tested": len(frame),  # one image per lesion (see one_per_lesion)
+                "n_reference": len(reference.table),
+                "stattest_threshold": params.stattest_threshold,
+                "columns": {
+                    name: {**asdict(column), "score": _json_number(column.score)}
+                    for name, column in drift.columns.items()
+                },
+                "skipped_columns": drift.skipped,
+                "groups": drift.group_summary(),
+                "n_columns": drift.n_columns,
+                "n_drifted": drift.n_drifted,
+                "drifted_share": drift.drifted_share,
+                "drifted_columns": drift.drifted_columns,
+                "drift_share_threshold": params.drift_share,
+                "alarm": drift.alarm,
+                "reason": reason,
+                "retraining": asdict(outcome),
+                "mlflow_run_id": run_id,
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
+        write_json(out_dir / SUMMARY_FILE, summary)
+
+        if run_id:
+            _log_to_mlflow(run_id, summary, out_dir)
+    except BaseException:
+        if owns_run and run_id:
+            from tasks.tracking import end_run
+
+            end_run(run_id, "FAILED")
+        raise
+    if owns_run and run_id:
+        from tasks.tracking import end_run
+
+        end_run(run_id)
+    return MonitorResult(
+        summary_path=str(out_dir / SUMMARY_FILE),
+        report_html=str(out_dir / REPORT_HTML),
+        report_json=str(out_dir / REPORT_JSON),
+        n_images=n_received,
+        n_tested=len(frame),
+        n_columns=drift.n_columns,
+        n_drifted=drift.n_drifted,
+        drifted_share=drift.drifted_share,
+        drifted_columns=drift.drifted_columns,
+        alarm=drift.alarm,
+        reason=reason,
+        retraining=outcome,
+        run_id=run_id,
+    )
+
+
+def _log_to_mlflow(run_id: str, summary: dict, out_dir: Path) -> None:
+    from tasks.tracking import log_artifacts, log_metrics, set_tags
+
+    metrics: dict[str, Any] = {
+        "drifted_share": summary["drifted_share"],
+        "n_drifted": summary["n_drifted"],
+        "n_columns": summary["n_columns"],
+        "n_images": summary["n_images"],
+        "alarm": int(summary["alarm"]),
+        "drifted_share_by_group": {g: info["drifted_share"] for g, info in summary["groups"].items()},
+        "drift_score": {name: column["score"] for name, column in summary["columns"].items()},
+    }
+    log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+    retraining = summary["retraining"]
+    set_tags(
+        run_id,
+        {
+            "alarm": str(summary["alarm"]).lower(),
+            "drift_reason": summary["reason"][:4000],
+            "retraining": "triggered" if retraining["triggered"] else "not triggered",
+            "retraining_message": retraining["message"][:4000],
+            "retrain_deployment": retraining["deployment"],
+            "model_fingerprint": summary["model_fingerprint"],
+        },
+    )
+    log_artifacts(run_id, [out_dir / SUMMARY_FILE, out_dir / REPORT_JSON, out_dir / REPORT_HTML], artifact_path="drift")
+
+
+def format_drift_summary(summary: dict) -> str:
+    """``drift_summary.json`` as Markdown: the verdict, then one row per column (console and Prefect)."""
+    verdict = "**ALARM**" if summary["alarm"] else "no alarm"
+    lines = [
+        f"### Drift of `{summary['batch']}` ({summary['n_images']} images) against the training reference",
+        "",
+        f"{verdict}: {summary['reason']}.",
+        "",
+        f"Retraining: {summary['retraining']['message']}.",
+        "",
+        "| column | group | test | score | drifted |",
+        "|---|---|---|---|---|",
+    ]
+    for name, column in summary["columns"].items():
+        score = "n/a" if column["score"] is None else f"{column['score']:.3g}"
+        lines.append(
+            f"| {name} | {column['group']} | {column['stattest']} | {score} | {'yes' if column['drifted'] else ''} |"
+        )
+    for name, why in summary.get("skipped_columns", {}).items():
+        lines.append(f"| {name} | | skipped: {why} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    """One row per monitored column, for a Prefect table artifact."""
+    return [
+        {"column": name, **{k: column[k] for k in ("group", "stattest", "score", "drifted")}}
+        for name, column in summary["columns"].items()
+    ]
+
+
+def read_summary(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise SkinriskError(f"{path} not found: run the monitoring first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+__all__ = [
+    "MONITORING_EXPERIMENT",
+    "REFERENCE_FILE",
+    "DriftResult",
+    "MonitorResult",
+    "ReferenceProfile",
+    "RetrainingOutcome",
+    "build_reference_profile",
+    "column_drift",
+    "detect_drift",
+    "format_drift_summary",
+    "image_statistics",
+    "monitor_batch",
+    "trigger_retraining",
+]

@@ -1,0 +1,92 @@
+"""Running a stage's independent shards: in this process, in local processes, or on a Dask cluster.
+
+Image decoding (preprocess) and row checking with decoding (triage) split into shards that need
+nothing from each other. :func:`map_shards` runs them where the params say and returns the results
+in shard order, so the assembled output is the same, byte for byte, wherever they ran.
+
+``executor: dask`` uses ``dask.distributed``: ``dask_address`` names a running scheduler (``dask
+scheduler`` and ``dask worker tcp://HOST:8786`` on the machines that share the data path), or, empty,
+a local cluster of ``workers`` single-threaded processes is started for the call and closed after.
+Workers must see the same file paths and the same project code (installed, or on their PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Literal, TypeVar
+
+from tasks.errors import SkinriskError
+
+Executor = Literal["processes", "dask"]
+EXECUTORS: tuple[str, ...] = ("processes", "dask")
+CONNECT_TIMEOUT_S = 15
+
+Shard = TypeVar("Shard")
+Result = TypeVar("Result")
+
+
+@contextlib.contextmanager
+def dask_client(address: str = "", workers: int = 0) -> Iterator[Any]:
+    """A ``distributed.Client`` on the scheduler at ``address``, or on a local cluster started here
+    (``workers`` processes of one thread; 0: one per core) and closed on exit."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        try:
+            client = Client(address, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            raise SkinriskError(
+                f"no Dask scheduler answers at {address} within {CONNECT_TIMEOUT_S} s ({exc}): start one "
+                "(`dask scheduler`, then `dask worker ADDRESS` where the data is), or set "
+                'preprocess.dask_address="" for a local cluster'
+            ) from exc
+        with client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=workers or os.cpu_count() or 1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # any free port: never clash with another cluster on 8787
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def map_shards(
+    fn: Callable[[Shard], Result],
+    shards: Sequence[Shard],
+    *,
+    executor: Executor = "processes",
+    workers: int = 0,
+    dask_address: str = "",
+) -> list[Result]:
+    """``fn(shard)`` for every shard, results in shard order.
+
+    ``processes`` with ``workers == 1`` runs them here, one after the other; with more, in a pool of
+    spawned processes (0: one per core). ``dask`` runs them on a Dask cluster (see module docstring).
+    ``fn`` must be importable by name (a module-level function or a ``functools.partial`` of one).
+    """
+    if executor not in EXECUTORS:
+        raise SkinriskError(f"unknown executor {executor!r}; accepted: {list(EXECUTORS)}")
+    if not shards:
+        return []
+    if executor == "dask":
+        with dask_client(dask_address, workers) as client:
+            # pure=False: shards are never deduplicated or served from an earlier call's results
+            return client.gather(client.map(fn, list(shards), pure=False))
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(shards) == 1:
+        return [fn(shard) for shard in shards]
+    # spawn, not fork: the caller may already have TensorFlow (and its threads) loaded.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context) as pool:
+        return list(pool.map(fn, shards))

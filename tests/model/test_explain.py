@@ -1,0 +1,432 @@
+"""Explanations: Grad-CAM points at the lesion, SHAP adds up exactly, and the stages write their files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from keras import layers
+
+from tasks.clinical import ClinicalEncoder
+from tasks.errors import DataError
+from tasks.explain import (
+    CASE_EXPLANATION_FILE,
+    CASE_GRADCAM_FILE,
+    CASE_SHAP_FILE,
+    EXPLANATIONS_FILE,
+    GRADCAM_DIR,
+    GRID_FILE,
+    SHAP_SUMMARY_FILE,
+    SHAP_VALUES_FILE,
+    SHAP_VARIABLES,
+    clinical_shap,
+    explain_case,
+    explain_test_cases,
+    level_assignment,
+    make_gradcam_heatmap,
+    neutral_background,
+    render_overlay,
+    risk_level_gradcam,
+    risk_predictor,
+    select_cases,
+    upsample_heatmap,
+)
+from tasks.model import LAST_CONV_LAYER, POOLED_LAYER, build_model, fusion_head
+from tasks.params import ExplainParams
+from tasks.schema import DIAGNOSES, RISK_LEVELS
+from tests.support import tiny_train_params
+
+RISK_MAP = {"low": ["nv", "bkl", "df", "vasc"], "moderate": ["akiec"], "high": ["mel", "bcc"]}
+ENCODER = ClinicalEncoder(age_mean=52.0, age_std=16.0, age_fill=50.0, missing_policy="impute")
+
+
+def _case(age: float, sex: str, site: str) -> np.ndarray:
+    return ENCODER.transform(pd.DataFrame({"age": [age], "sex": [sex], "localization": [site]}))[0]
+
+
+def _background(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "age": rng.choice(np.arange(10, 90, 5), n).astype(float),
+            "sex": rng.choice(ENCODER.sexes, n),
+            "localization": rng.choice(ENCODER.localizations, n),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def dx_model():
+    """An untrained build_model at 64 px with one output per diagnosis (out_relu is 2 x 2)."""
+    return build_model(64, ENCODER.n_features, len(DIAGNOSES), tiny_train_params())
+
+
+@pytest.fixture(scope="module")
+def risk_model():
+    """An untrained build_model at 32 px (risk target): enough for additivity and plumbing."""
+    return build_model(32, ENCODER.n_features, len(RISK_LEVELS), tiny_train_params())
+
+
+def _image(seed: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-1, 1, (size, size, 3)).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-CAM
+
+
+_LESION_SIZE = 64
+# Lesion colours of the three lesion-bearing classes (brown, red, blue-grey) on skin.
+_LESION_COLOURS = np.array([(90, 55, 40), (170, 40, 50), (60, 80, 200)], dtype=np.float64)
+_SKIN = np.array([218.0, 164.0, 152.0])
+
+
+def _lesion_images(n: int, rng: np.random.Generator, *, with_plain_skin: bool):
+    """Discs of a class colour on skin-coloured noise at random positions; ellipse truth.
+
+    With ``with_plain_skin`` a fourth class of lesion-free skin is mixed in, so that each lesion
+    class has to be recognised by its own colour, not as "none of the other colours".
+    """
+    size = _LESION_SIZE
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    n_classes = 4 if with_plain_skin else 3
+    labels = rng.integers(0, n_classes, n)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    ellipses = np.zeros((n, 3))
+    for k in range(n):
+        skin = _SKIN * rng.uniform(0.9, 1.1) * rng.uniform(0.92, 1.08, 3)
+        canvas = skin + rng.normal(0, 8, (size, size, 3))
+        radius = rng.uniform(0.12, 0.2) * size
+        cx, cy = rng.uniform(radius + 2, size - radius - 2, 2)
+        if labels[k] < 3:
+            inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2
+            canvas[inside] = _LESION_COLOURS[labels[k]] + rng.normal(0, 8, (int(inside.sum()), 3))
+        images[k] = np.clip(canvas, 0, 255)
+        ellipses[k] = (cx, cy, radius)
+    return images, labels, ellipses
+
+
+def _small_conv_risk_model(size: int, n_clinical: int, n_classes: int) -> keras.Model:
+    """build_model's graph with a 3-layer conv net in place of MobileNetV2.
+
+    A random-init MobileNetV2 does not learn in the seconds a test may take (and its ``out_relu``
+    is 2 x 2 at 64 px); this net has an ``out_relu`` at 16 x 16, the same pooling layer name and
+    the project's own fusion head, so Grad-CAM and the SHAP predictor see the same structure.
+    """
+    params = tiny_train_params()
+    keras.utils.set_random_seed(params.seed)
+    image = keras.Input((size, size, 3), name="image")
+    clinical = keras.Input((n_clinical,), name="clinical")
+    x = layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(image)
+    x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu")(x)
+    x = layers.Conv2D(32, 3, padding="same")(x)
+    x = layers.ReLU(name=LAST_CONV_LAYER)(x)
+    pooled = layers.GlobalAveragePooling2D(name=POOLED_LAYER)(x)
+    head = fusion_head(n_clinical, n_classes, params, embedding_size=32)
+    return keras.Model([image, clinical], head([pooled, clinical]))
+
+
+@pytest.mark.slow
+def test_gradcam_heat_falls_on_the_lesion():
+    rng = np.random.default_rng(0)
+    train_images, train_labels, _ = _lesion_images(300, rng, with_plain_skin=True)
+    test_images, test_labels, ellipses = _lesion_images(30, rng, with_plain_skin=False)
+    n_clinical = 4
+    model = _small_conv_risk_model(_LESION_SIZE, n_clinical, 4)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    normalize = lambda images: images.astype(np.float32) / 127.5 - 1.0  # noqa: E731
+    model.fit(
+        {"image": normalize(train_images), "clinical": np.zeros((len(train_images), n_clinical), np.float32)},
+        train_labels,
+        epochs=10,
+        batch_size=32,
+        verbose=0,
+    )
+    probs = model.predict(
+        {"image": normalize(test_images), "clinical": np.zeros((len(test_images), n_clinical), np.float32)},
+        verbose=0,
+    )
+    assert (probs.argmax(axis=1) == test_labels).mean() >= 0.9, "the toy task was not learned"
+
+    # The toy is learned with certainty: probabilities of exactly 1.0 in float32, whose gradient
+    # vanishes. Grad-CAM of the logit must still see the lesion.
+    assert (probs.max(axis=1) == 1.0).any()
+    ys, xs = np.mgrid[0:_LESION_SIZE, 0:_LESION_SIZE] + 0.5
+    shares, areas = [], []
+    for image, label, (cx, cy, radius) in zip(test_images, test_labels, ellipses, strict=True):
+        heatmap = make_gradcam_heatmap(
+            model, normalize(image), np.zeros(n_clinical, np.float32), class_index=int(label)
+        )
+        assert heatmap.shape == (16, 16) and heatmap.min() >= 0.0 and heatmap.max() == 1.0
+        field = upsample_heatmap(heatmap, _LESION_SIZE)
+        inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2
+        shares.append(field[inside].sum() / max(field.sum(), 1e-12))
+        areas.append(inside.mean())
+    shares, areas = np.array(shares), np.array(areas)
+    # The lesion covers ~8% of the frame. With 4-pixel cells upsampled some heat spills over its
+    # border, so: most of the mass inside on a typical image, and at least 3x the ellipse's share
+    # of the area on nearly every image. (Seeds 0-3 gave medians 0.56-0.66, every image > 4x.)
+    assert np.median(shares) > 0.5, (np.median(shares), np.median(areas))
+    assert (shares > 3 * areas).mean() >= 0.9, np.round(shares / areas, 1)
+
+
+def test_gradcam_of_a_dx_risk_level_differentiates_its_summed_probability(dx_model):
+    import tensorflow as tf
+
+    model = dx_model
+    assignment = level_assignment(len(DIAGNOSES), DIAGNOSES, RISK_MAP)
+    image, clinical = _image(1, 64), _case(61.0, "female", "back")
+
+    conv = model.get_layer(LAST_CONV_LAYER)
+    grad_model = keras.Model(model.inputs, [conv.output, model.output])
+    with tf.GradientTape(persistent=True) as tape:
+        activations, probs = grad_model({"image": image[None], "clinical": clinical[None]}, training=False)
+        summed = {name: tf.add_n([probs[0, DIAGNOSES.index(dx)] for dx in RISK_MAP[name]]) for name in RISK_LEVELS}
+    any_heat = False
+    for level, name in enumerate(RISK_LEVELS):
+        result = risk_level_gradcam(model, image, clinical, assignment, level_index=level, from_logits=False)
+        weights = tf.reduce_mean(tape.gradient(summed[name], activations), axis=(0, 1, 2))
+        expected = np.maximum((activations[0] * weights).numpy().sum(axis=-1), 0)
+        expected = expected / expected.max() if expected.max() > 0 else expected
+        any_heat |= bool(expected.max() > 0)
+
+        assert result.heatmap.shape == (2, 2) and result.level_index == level
+        np.testing.assert_allclose(result.heatmap, expected, atol=1e-5)
+        np.testing.assert_allclose(result.risk_probabilities, probs.numpy()[0] @ assignment, atol=1e-6)
+    assert any_heat, "a random model with no positive evidence anywhere makes this test vacuous"
+    # Without a level, the predicted risk level is explained.
+    predicted = risk_level_gradcam(model, image, clinical, assignment)
+    assert predicted.level_index == int(np.argmax(predicted.risk_probabilities))
+
+
+def test_gradcam_from_logits_of_a_one_diagnosis_level_is_that_diagnosis_logit(dx_model):
+    image, clinical = _image(2, 64), _case(45.0, "male", "face")
+    assignment = level_assignment(len(DIAGNOSES), DIAGNOSES, RISK_MAP)
+    moderate = RISK_LEVELS.index("moderate")  # one diagnosis: akiec
+    before = risk_level_gradcam(dx_model, image, clinical, assignment, level_index=moderate)
+
+    # Saturate the softmax, as a confident model does (probabilities exactly 0 or 1 in float32).
+    output = dx_model.get_layer("fusion_head").get_layer("probabilities")
+    kernel, bias = output.get_weights()
+    output.set_weights([kernel * 1e4, bias])
+    try:
+        level = risk_level_gradcam(dx_model, image, clinical, assignment, level_index=moderate)
+        diagnosis = make_gradcam_heatmap(dx_model, image, clinical, class_index=DIAGNOSES.index("akiec"))
+    finally:
+        output.set_weights([kernel, bias])
+    np.testing.assert_allclose(level.heatmap, diagnosis, atol=1e-6)
+    assert np.isfinite(level.heatmap).all()
+    # The logit's gradient scales with the weights but its normalized map does not change, and
+    # the logit twin follows weight changes made after it was built.
+    np.testing.assert_allclose(level.heatmap, before.heatmap, atol=1e-4)
+    assert not np.allclose(level.risk_probabilities, before.risk_probabilities)
+    assert np.isclose(level.risk_probabilities.sum(), 1.0)
+
+
+def test_overlay_blends_the_heatmap_over_the_image():
+    image = np.full((8, 8, 3), 200, dtype=np.uint8)
+    heatmap = np.zeros((2, 2), dtype=np.float32)
+    heatmap[0, 0] = 1.0
+    overlay = render_overlay(image, heatmap, alpha=0.5)
+    assert overlay.shape == image.shape and overlay.dtype == np.uint8
+    assert not np.array_equal(overlay[0, 0], overlay[7, 7]), "hot and cold corners look alike"
+    np.testing.assert_array_equal(render_overlay(image, heatmap, alpha=0.0), image)
+    up = upsample_heatmap(heatmap, (8, 8))
+    assert up.shape == (8, 8) and up[0, 0] > up[7, 7] and up.min() >= 0 and up.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------
+# SHAP for the clinical variables
+
+
+def test_shap_values_add_up_to_the_model_output(risk_model):
+    assignment = level_assignment(3, DIAGNOSES, RISK_MAP)
+    predictor = risk_predictor(risk_model, assignment)
+    background = _background(40, seed=3)
+    cases = [(37.0, "female", "back"), (80.0, "male", "face"), (math.nan, "unknown", "unknown")]
+    for k, raw in enumerate(cases):
+        image = _image(10 + k)
+        for level in range(len(RISK_LEVELS)):
+            result = clinical_shap(predictor, image, raw, background, ENCODER, level)
+            total = result["base_value"] + sum(result["values"].values())
+            assert abs(total - result["output"]) < 1e-5, (raw, level, total, result["output"])
+            assert set(result["values"]) == set(SHAP_VARIABLES)
+        # The output is the model's own prediction (the fast head-only path agrees with it).
+        clinical = ENCODER.transform(pd.DataFrame({"age": [raw[0]], "sex": [raw[1]], "localization": [raw[2]]}))
+        direct = np.asarray(risk_model({"image": image[None], "clinical": clinical}, training=False))[0]
+        assert abs(result["output"] - direct[level]) < 1e-5
+
+
+def test_shap_is_deterministic_for_a_seed(risk_model):
+    predictor = risk_predictor(risk_model, np.eye(3))
+    background = _background(60, seed=4)
+    image = _image(20)
+    runs = [
+        clinical_shap(predictor, image, (55.0, "male", "trunk"), background, ENCODER, 2, background_size=20, seed=s)
+        for s in (7, 7, 8)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0]["background_size"] == 20
+    assert runs[0]["base_value"] != runs[2]["base_value"], "the seed does not pick the background"
+
+
+def test_age_dominates_when_only_age_matters():
+    image = keras.Input((8, 8, 3), name="image")
+    clinical = keras.Input((ENCODER.n_features,), name="clinical")
+    age = layers.Lambda(lambda c: c[:, :1], name="age_only")(clinical)
+    ignored = layers.GlobalAveragePooling2D()(image)
+    mixed = layers.Concatenate()([age, layers.Lambda(lambda x: 0.0 * x)(ignored)])
+    dense = layers.Dense(3, activation="softmax", name="probabilities")
+    model = keras.Model([image, clinical], dense(mixed))
+    weights = np.zeros((4, 3), np.float32)
+    weights[0] = [-2.0, 0.0, 2.0]  # older -> higher risk
+    dense.set_weights([weights, np.zeros(3, np.float32)])
+
+    result = clinical_shap(
+        risk_predictor(model, np.eye(3)),
+        np.zeros((8, 8, 3), np.float32),
+        (85.0, "female", "acral"),
+        _background(30, seed=5),
+        ENCODER,
+        RISK_LEVELS.index("high"),
+    )
+    values = result["values"]
+    assert values["age"] > 0.05
+    assert abs(values["sex"]) < 1e-9 and abs(values["localization"]) < 1e-9
+
+
+def test_missing_age_follows_the_encoders_policy(risk_model):
+    strict = ClinicalEncoder(age_mean=52.0, age_std=16.0, age_fill=50.0, missing_policy="drop")
+    predictor = risk_predictor(risk_model, np.eye(3))
+    with pytest.raises(DataError, match="age missing"):
+        clinical_shap(predictor, _image(0), (None, "male", "back"), _background(10, 0), strict, 0)
+    # Under "impute" an unknown age is a value of its own (imputed, with its missing flag).
+    result = clinical_shap(predictor, _image(0), (None, "male", "back"), neutral_background(ENCODER), ENCODER, 0)
+    assert result["values"]["age"] != 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def test_case_selection_prefers_confident_correct_cases_then_confident_mistakes():
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2])
+    probs = np.array(
+        [
+            [0.9, 0.05, 0.05],  # correct, confident
+            [0.6, 0.2, 0.2],  # correct
+            [0.1, 0.1, 0.8],  # wrong, confident
+            [0.5, 0.4, 0.1],  # wrong (moderate predicted low)
+            [0.2, 0.7, 0.1],  # correct
+            [0.3, 0.3, 0.4],  # correct
+            [0.05, 0.9, 0.05],  # wrong, most confident
+        ]
+    )
+    chosen = select_cases(y_true, probs, cases_per_level=2, confidently_wrong=2)
+    assert chosen[:2] == [(0, "correct"), (1, "correct")]
+    assert (4, "correct") in chosen and (3, "top_up") in chosen and (5, "correct") in chosen
+    assert chosen[-2:] == [(6, "top_up"), (2, "confidently_wrong")]
+
+
+def _save_model(path, processed_dir, n_outputs: int = 3):
+    from tasks.preprocess import ENCODER_FILE
+
+    encoder = ClinicalEncoder.load(processed_dir / ENCODER_FILE)
+    model = build_model(32, encoder.n_features, n_outputs, tiny_train_params())
+    model.save(path)
+    return model, encoder
+
+
+@pytest.mark.slow
+def test_explain_test_cases_writes_every_file_and_logs_them(processed_dir, tmp_path, monkeypatch):
+    import tasks.tracking
+
+    logged = []
+    monkeypatch.setattr(tasks.tracking, "log_artifacts", lambda *args, **kwargs: logged.append((args, kwargs)))
+    model_path = tmp_path / "model.keras"
+    _save_model(model_path, processed_dir)
+    out_dir = tmp_path / "explain"
+    (out_dir / "gradcam").mkdir(parents=True)
+    (out_dir / "gradcam" / "stale.png").write_bytes(b"old")
+    params = ExplainParams(cases_per_level=2, confidently_wrong=2, shap_background=10, shap_cases=6, seed=1)
+    report = explain_test_cases(model_path, processed_dir, out_dir, params, run_id="run-123")
+
+    written = json.loads((out_dir / EXPLANATIONS_FILE).read_text())
+    assert written == report
+    ids = [case["image_id"] for case in report["cases"]]
+    assert len(ids) == len(set(ids)) and 1 <= len(ids) <= 3 * 2 + 2
+    assert sorted(p.name for p in (out_dir / GRADCAM_DIR).iterdir()) == sorted(f"{i}.png" for i in ids)
+    for name in (GRID_FILE, SHAP_SUMMARY_FILE):
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    table = pd.read_csv(out_dir / SHAP_VALUES_FILE)
+    assert len(table) == 6
+    np.testing.assert_allclose(
+        table["base_value"] + table[[f"shap_{v}" for v in SHAP_VARIABLES]].sum(axis=1), table["output"], atol=1e-5
+    )
+    case = report["cases"][0]
+    assert set(case) >= {"image_id", "true_level", "predicted_level", "probabilities", "shap", "gradcam"}
+    assert case["predicted_level"] == max(case["probabilities"], key=case["probabilities"].get)
+    assert report["shap_summary"]["background_size"] == 10
+    assert not list(tmp_path.glob(".explain.*")), "staging folders are cleaned up"
+
+    assert logged == [(("run-123", [out_dir]), {"artifact_path": "explain"})]
+
+
+@pytest.fixture(scope="module")
+def case_bundle(processed_dir, tmp_path_factory):
+    from tasks.evaluate import Bundle
+    from tasks.preprocess import read_preprocess_summary
+
+    path = tmp_path_factory.mktemp("case-model") / "model.keras"
+    model, encoder = _save_model(path, processed_dir, n_outputs=len(DIAGNOSES))
+    return Bundle(
+        model=model,
+        encoder=encoder,
+        summary=read_preprocess_summary(processed_dir),
+        operating_point={"target": "dx", "threshold": 0.3, "target_recall": 0.9},
+    )
+
+
+def test_explain_case_writes_its_three_outputs(case_bundle, raw_dir, tmp_path):
+    image = sorted((raw_dir / "images").glob("*.jpg"))[0]
+    out_dir = tmp_path / "case"
+    payload = explain_case(case_bundle, image, 63, "male", "back", out_dir, ExplainParams())
+
+    for name in (CASE_GRADCAM_FILE, CASE_SHAP_FILE):
+        assert (out_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert json.loads((out_dir / CASE_EXPLANATION_FILE).read_text()) == payload
+    probabilities = payload["probabilities"]
+    assert set(probabilities) == set(RISK_LEVELS) and abs(sum(probabilities.values()) - 1) < 1e-4
+    assert payload["risk_level"] == max(probabilities, key=probabilities.get)
+    assert payload["threshold"] == 0.3 and payload["refer"] == (probabilities["high"] >= 0.3)
+    shap = payload["shap"]
+    assert abs(shap["base_value"] + sum(shap["values"].values()) - shap["output"]) < 1e-5
+    assert abs(shap["output"] - probabilities[payload["risk_level"]]) < 1e-4
+    assert shap["background"].startswith("neutral")
+
+
+def test_explain_case_refuses_bad_inputs_with_clear_messages(case_bundle, raw_dir, tmp_path):
+    image = sorted((raw_dir / "images").glob("*.jpg"))[0]
+    params = ExplainParams()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image at all")
+
+    with pytest.raises(DataError, match=r"broken\.jpg"):
+        explain_case(case_bundle, broken, 50, "male", "back", tmp_path / "a", params)
+    with pytest.raises(DataError, match=r"nowhere\.jpg"):
+        explain_case(case_bundle, tmp_path / "nowhere.jpg", 50, "male", "back", tmp_path / "a", params)
+    with pytest.raises(DataError, match="unknown site") as error:
+        explain_case(case_bundle, image, 50, "male", "elbow", tmp_path / "a", params)
+    assert "'upper extremity'" in str(error.value)
+    with pytest.raises(DataError, match="unknown sex") as error:
+        explain_case(case_bundle, image, 50, "other", "back", tmp_path / "a", params)
+    assert "'female'" in str(error.value)
+    with pytest.raises(DataError, match=r"age 130 is outside 0-100"):
+        explain_case(case_bundle, image, 130, "male", "back", tmp_path / "a", params)
+    with pytest.raises(DataError, match="not a number"):
+        explain_case(case_bundle, image, "forty", "male", "back", tmp_path / "a", params)
+    assert not (tmp_path / "a").exists(), "nothing is written for a refused case"
