@@ -179,6 +179,57 @@ def cmd_register(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_explain(args: argparse.Namespace) -> None:
+    params = _params(args).explain
+    if args.image is None:
+        from tasks.explain import explain_test_cases
+
+        explain_test_cases(Path(args.model), Path(args.processed_dir), Path(args.out), params)
+        print(f"explained test cases (Grad-CAM overlays, SHAP summary) in {args.out}")
+        return
+    from tasks.evaluate import load_bundle
+    from tasks.explain import explain_case, training_background
+
+    if args.sex is None or args.site is None:
+        raise SkinriskError("a single case needs --sex and --site (and --age unless it is unknown)")
+    bundle = load_bundle(args.model, Path(args.processed_dir), Path(args.model_dir))
+    cases = Path(args.processed_dir) / "cases.csv"
+    background = (
+        training_background(Path(args.processed_dir), params.shap_background, params.seed) if cases.exists() else None
+    )
+    result = explain_case(
+        bundle, Path(args.image), args.age, args.sex, args.site, Path(args.out), params, background=background
+    )
+    import json
+
+    print(json.dumps(result, indent=2, default=str))
+
+
+def cmd_monitor_reference(args: argparse.Namespace) -> None:
+    from tasks.monitor import build_reference_profile
+
+    out = build_reference_profile(
+        Path(args.model), Path(args.processed_dir), Path(args.out), _params(args).monitor, raw_dir=Path(args.raw_dir)
+    )
+    print(f"reference profile written to {out}")
+
+
+def cmd_monitor(args: argparse.Namespace) -> None:
+    from tasks.monitor import format_drift_summary, monitor_batch, read_summary
+
+    result = monitor_batch(
+        Path(args.reference),
+        args.model,
+        Path(args.batch),
+        Path(args.out),
+        _params(args).monitor,
+        images_dir=Path(args.images) if args.images else None,
+        track=not args.no_tracking,
+        retrain=not args.no_retrain,
+    )
+    print(format_drift_summary(read_summary(Path(result.summary_path))))
+
+
 def cmd_registry_show(args: argparse.Namespace) -> None:
     from tasks.promote import registry_table
 
@@ -367,6 +418,43 @@ def build_parser() -> argparse.ArgumentParser:
     register = add("register", cmd_register, "log the model to its MLflow run and register it as @challenger")
     stage_paths(register)
     register.add_argument("--model", default=str(paths.MODELS_DIR / "model.keras"), help="default: %(default)s")
+
+    explain = add(
+        "explain",
+        cmd_explain,
+        "Grad-CAM and SHAP: one case (--image ...) or, without --image, chosen test cases into reports/explain",
+    )
+    explain.add_argument("--model", default=str(paths.MODELS_DIR / "model.keras"), help="saved model or MLflow URI")
+    explain.add_argument("--image", default=None, help="the lesion image of one case")
+    explain.add_argument("--age", type=float, default=None, help="years; omit when unknown")
+    explain.add_argument("--sex", default=None, help="male, female or unknown")
+    explain.add_argument("--site", default=None, help="lesion localization, e.g. back")
+    explain.add_argument(
+        "--out", default=str(paths.REPORTS_DIR / "explain"), help="output folder (default: %(default)s)"
+    )
+    explain.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
+    explain.add_argument("--model-dir", default=str(paths.MODELS_DIR), help="default: %(default)s")
+
+    reference = add(
+        "monitor-reference", cmd_monitor_reference, "build the training reference profile for drift monitoring"
+    )
+    reference.add_argument("--model", default=str(paths.MODELS_DIR / "model.keras"), help="default: %(default)s")
+    reference.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
+    reference.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
+    reference.add_argument(
+        "--out", default=str(paths.MODELS_DIR / "reference_profile.parquet"), help="default: %(default)s"
+    )
+
+    monitor = add("monitor", cmd_monitor, "compare a batch of new cases with the training reference (Evidently)")
+    monitor.add_argument("--batch", required=True, help="HAM10000-layout folder or zip, or a cases CSV (with --images)")
+    monitor.add_argument("--images", default=None, help="folder of the cases CSV's images")
+    monitor.add_argument(
+        "--reference", default=str(paths.MODELS_DIR / "reference_profile.parquet"), help="default: %(default)s"
+    )
+    monitor.add_argument("--model", default=str(paths.MODELS_DIR / "model.keras"), help="saved model or MLflow URI")
+    monitor.add_argument("--out", default=str(paths.REPORTS_DIR / "monitoring"), help="default: %(default)s")
+    monitor.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    monitor.add_argument("--no-retrain", action="store_true", help="never trigger the retraining deployment")
 
     registry = commands.add_parser("registry", help="the MLflow model registry: show, promote, rollback")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
