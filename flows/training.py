@@ -23,7 +23,7 @@ def training_pipeline(
     reports_dir: str = str(paths.REPORTS_DIR),
     synthetic_dir: str = str(paths.SYNTHETIC_DIR),
 ) -> dict:
-    """Train, evaluate and register a challenger; returns the headline test figures.
+    """Train, evaluate, explain and register a challenger (with its drift reference profile); returns the headline test figures.
 
     A second run writing the same output folders at the same time is refused (tasks/workspace_lock.py),
     and an unreachable MLflow server stops the run before any data is touched.
@@ -38,6 +38,8 @@ def training_pipeline(
         try:
             model_path = t.train(processed_dir, model_dir, reports_dir, params_file, overrides, run_id)
             metrics = t.evaluate(model_path, processed_dir, reports_dir, model_dir, params_file, overrides, run_id)
+            t.explain(model_path, processed_dir, reports_dir, params_file, overrides, run_id)
+            t.reference_profile(model_path, processed_dir, raw_dir, model_dir, params_file, overrides, run_id)
             model_uri = t.register(model_path, processed_dir, model_dir, reports_dir, run_id)
         except BaseException:
             t.finish_tracking(run_id, "FAILED")

@@ -183,8 +183,13 @@ def cmd_explain(args: argparse.Namespace) -> None:
     params = _params(args).explain
     if args.image is None:
         from tasks.explain import explain_test_cases
+        from tasks.runs import run_id_of
 
-        explain_test_cases(Path(args.model), Path(args.processed_dir), Path(args.out), params)
+        try:
+            run_id = run_id_of(Path(args.model_dir))
+        except SkinriskError:
+            run_id = None  # a model trained without tracking
+        explain_test_cases(Path(args.model), Path(args.processed_dir), Path(args.out), params, run_id=run_id)
         print(f"explained test cases (Grad-CAM overlays, SHAP summary) in {args.out}")
         return
     from tasks.evaluate import load_bundle

@@ -138,6 +138,43 @@ def evaluate(
     return headline_figures(metrics)
 
 
+@task(name="explain", cache_policy=NO_CACHE)
+def explain(
+    model_path: str, processed_dir: str, reports_dir: str, params_file: str, overrides: list[str], run_id: str
+) -> str:
+    from tasks.explain import explain_test_cases
+
+    out = Path(reports_dir) / "explain"
+    explain_test_cases(
+        Path(model_path), Path(processed_dir), out, _params(params_file, overrides).explain, run_id=run_id
+    )
+    return str(out)
+
+
+@task(name="reference-profile", cache_policy=NO_CACHE)
+def reference_profile(
+    model_path: str,
+    processed_dir: str,
+    raw_dir: str,
+    model_dir: str,
+    params_file: str,
+    overrides: list[str],
+    run_id: str,
+) -> str:
+    from tasks.monitor import REFERENCE_FILE, build_reference_profile
+    from tasks.tracking import log_artifacts
+
+    out = build_reference_profile(
+        Path(model_path),
+        Path(processed_dir),
+        Path(model_dir) / REFERENCE_FILE,
+        _params(params_file, overrides).monitor,
+        raw_dir=Path(raw_dir),
+    )
+    log_artifacts(run_id, [out], artifact_path="monitoring")
+    return str(out)
+
+
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def register(model_path: str, processed_dir: str, model_dir: str, reports_dir: str, run_id: str) -> str:
     from tasks.runs import register_pipeline_model

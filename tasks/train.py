@@ -181,6 +181,7 @@ def _validation_figures(full_model, val: SplitArrays, val_inputs, target: str, s
 def _compile(model, learning_rate: float, params: TrainParams, n_classes: int) -> None:
     import keras
 
+    from tasks.distribution import strategy_scope
     from tasks.model import sparse_focal_loss
 
     loss = (
@@ -188,7 +189,8 @@ def _compile(model, learning_rate: float, params: TrainParams, n_classes: int) -
         if params.loss == "focal"
         else keras.losses.SparseCategoricalCrossentropy()
     )
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+    with strategy_scope(params.distribution):
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
 
 
 def _smote_head_data(model, train: SplitArrays, labels: np.ndarray, params: TrainParams):
@@ -227,6 +229,7 @@ def train(
     import keras
     import tensorflow as tf
 
+    from tasks.distribution import strategy_scope
     from tasks.model import build_model, head_of, set_finetune
 
     started = time.perf_counter()
@@ -240,7 +243,9 @@ def train(
 
     checkpoints = Checkpoints(model_dir / "checkpoints", _fingerprint(params, processed_dir))
     keras.utils.set_random_seed(params.seed)
-    model = build_model(summary["image_size"], train_split.clinical.shape[1], n_classes, params)
+    scope = strategy_scope(params.distribution)  # variables live on every replica when mirrored
+    with scope:
+        model = build_model(summary["image_size"], train_split.clinical.shape[1], n_classes, params)
     weights = class_weights(labels, n_classes) if params.class_weights else None
     val_inputs = make_dataset(val, val.labels(target), batch_size=64, training=False).map(lambda x, y: x)
     validation = _validation_figures(model, val, val_inputs, target, summary)

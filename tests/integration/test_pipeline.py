@@ -48,6 +48,8 @@ def test_prefect_flow_runs_end_to_end_and_registers_a_challenger(tmp_path, monke
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert set(metrics) >= {"balanced_accuracy", "balanced_accuracy_ci95", "confusion_matrix", "ece", "triage"}
     assert (tmp_path / "reports" / "validation.md").exists()
+    assert (tmp_path / "reports" / "explain" / "explanations.json").exists()
+    assert (tmp_path / "models" / "reference_profile.parquet").exists()
     _assert_registered(mlflow_store, result["run_id"])
 
 
@@ -71,7 +73,7 @@ def test_dvc_repro_runs_the_same_stages_and_reruns_only_what_changed(tmp_path, m
     run("skinrisk", "data", "import", "synthetic", "--params", str(params))
     assert (project / "data" / "raw.dvc").exists(), "the import is tracked by DVC"
     out = run("dvc", "repro")
-    for stage in ("validate", "preprocess", "train", "evaluate", "register"):
+    for stage in ("validate", "preprocess", "train", "evaluate", "explain", "reference", "register"):
         assert f"Running stage '{stage}'" in out
     _assert_registered(mlflow_store)
 
