@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import yaml
@@ -59,3 +60,43 @@ def tiny_params_file(path: Path) -> Path:
         params[section].update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(command: list[str], env: dict, health_url: str, log_path: Path, timeout_s: float = 240):
+    """Start ``command`` in its own session, wait until ``health_url`` answers 200, stop it on exit."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import pytest
+    import requests
+
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                assert server.poll() is None, f"{command[:4]} exited:\n{log_path.read_text()}"
+                try:
+                    if requests.get(health_url, timeout=2).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{health_url} did not answer within {timeout_s:.0f} s:\n{log_path.read_text()}")
+                time.sleep(1)
+            yield server
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)

@@ -3,33 +3,24 @@ schedules, and a triggered retraining run, picked up by a process worker, leaves
 version in the registry."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from tests.support import PROJECT_ROOT, tiny_params_file
+from tests.support import PROJECT_ROOT, free_port, server_process, tiny_params_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def prefect_server(tmp_path):
     home = tmp_path / "prefect-home"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -40,30 +31,10 @@ def prefect_server(tmp_path):
         "DO_NOT_TRACK": "1",
     }
     env.pop("PREFECT_API_URL", None)
-    log = open(tmp_path / "prefect-server.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert server.poll() is None, (tmp_path / "prefect-server.log").read_text()
-        try:
-            if requests.get(f"{api}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("the Prefect server did not start:\n" + (tmp_path / "prefect-server.log").read_text())
-    yield api, {**env, "PREFECT_API_URL": api}
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-    log.close()
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with server_process(command, env, f"{api}/health", tmp_path / "prefect-server.log", timeout_s=180):
+        yield api, {**env, "PREFECT_API_URL": api}
 
 
 def _run(command: list[str], env: dict, cwd: Path = PROJECT_ROOT, timeout: int = 300) -> str:
