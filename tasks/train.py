@@ -314,6 +314,14 @@ def train(
         set_finetune(model, params.finetune_from_block)
         _compile(model, params.finetune_learning_rate, params, n_classes)
         run_phase("finetune", model, train_data(), head_last, params.finetune_epochs, weights)
+        head, finetune = checkpoints.state("head"), checkpoints.state("finetune")
+        if head and finetune and finetune["best"] < head["best"]:
+            # Fine-tuning never beat the head phase on validation: keep the better model.
+            print(
+                f"fine-tuning peaked at {MONITOR} {finetune['best']:.4f} < {head['best']:.4f} after the head "
+                "phase: keeping the head-phase weights"
+            )
+            checkpoints.load_weights(model, "head.weights.h5")
 
     history = checkpoints.history().sort_values("epoch")
     model_dir.mkdir(parents=True, exist_ok=True)
