@@ -22,7 +22,7 @@ from tasks.dataset import SplitArrays, load_split
 from tasks.errors import SkinriskError
 from tasks.params import EvaluateParams
 from tasks.preprocess import CASES_FILE, ENCODER_FILE, SUMMARY_FILE, read_preprocess_summary
-from tasks.schema import RISK_LEVELS
+from tasks.schema import RISK_LEVELS, risk_level_of
 
 METRICS_FILE = "metrics.json"
 OPERATING_POINT_FILE = "operating_point.json"
@@ -77,7 +77,7 @@ def score_images(bundle: Bundle, frame: pd.DataFrame, image_paths: list[Path]) -
 
 def risk_labels(bundle: Bundle, diagnoses: pd.Series) -> np.ndarray:
     """Risk-level indices of diagnoses under the model's own risk mapping."""
-    level_of = {dx: level for level, dxs in bundle.summary["risk_map"].items() for dx in dxs}
+    level_of = risk_level_of(bundle.summary["risk_map"], bundle.summary["diagnoses"])
     return diagnoses.map(level_of).map(RISK_LEVELS.index).to_numpy()
 
 

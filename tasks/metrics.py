@@ -32,7 +32,7 @@ from sklearn.metrics import (
 )
 
 from tasks.atomic import atomic_path
-from tasks.schema import RISK_LEVELS
+from tasks.schema import RISK_LEVELS, risk_level_of
 
 PLOT_DPI = 120
 # Rows of a softmax in float32 sum to 1 within ~1e-6; anything further off is not probabilities.
@@ -119,28 +119,12 @@ def risk_probabilities(
             f"target 'dx' expects N x {len(diagnoses)} probabilities (one column per diagnosis "
             f"{diagnoses}), got shape {p.shape}"
         )
-    if set(risk_map) != set(RISK_LEVELS):
-        raise ValueError(f"risk_map must have exactly the levels {list(RISK_LEVELS)}, got {sorted(risk_map)}")
-    column = {dx: i for i, dx in enumerate(diagnoses)}
-    seen: dict[str, str] = {}
-    for level in RISK_LEVELS:
-        for dx in risk_map[level]:
-            if dx not in column:
-                raise ValueError(
-                    f"risk_map.{level} names diagnosis {dx!r}, which is not a model output; outputs: {diagnoses}"
-                )
-            if dx in seen:
-                raise ValueError(f"diagnosis {dx!r} is in both {seen[dx]!r} and {level!r}")
-            seen[dx] = level
-    missing = [dx for dx in diagnoses if dx not in seen]
-    if missing:
-        raise ValueError(f"risk_map leaves diagnoses without a level: {missing}")
+    level_of = risk_level_of(risk_map, diagnoses)
 
     # Diagnosis -> level as a 0/1 matrix: one matmul sums each level's diagnoses.
     assignment = np.zeros((len(diagnoses), len(RISK_LEVELS)), dtype=p.dtype)
-    for j, level in enumerate(RISK_LEVELS):
-        for dx in risk_map[level]:
-            assignment[column[dx], j] = 1
+    for i, dx in enumerate(diagnoses):
+        assignment[i, RISK_LEVELS.index(level_of[dx])] = 1
     return p @ assignment
 
 

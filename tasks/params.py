@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from tasks.errors import ParamsError
-from tasks.schema import DIAGNOSES, RISK_LEVELS
+from tasks.schema import risk_level_of
 
 
 class _Section(BaseModel):
@@ -66,27 +66,14 @@ class PreprocessParams(_Section):
 
     @model_validator(mode="after")
     def _check_risk_map(self) -> PreprocessParams:
-        levels = set(self.risk_map)
-        if levels != set(RISK_LEVELS):
-            raise ValueError(f"risk_map must have exactly the levels {list(RISK_LEVELS)}, got {sorted(levels)}")
-        seen: dict[str, str] = {}
-        for level, diagnoses in self.risk_map.items():
-            for dx in diagnoses:
-                if dx not in DIAGNOSES:
-                    raise ValueError(f"risk_map.{level} names unknown diagnosis {dx!r}; accepted: {list(DIAGNOSES)}")
-                if dx in seen:
-                    raise ValueError(f"diagnosis {dx!r} is in both {seen[dx]!r} and {level!r}")
-                seen[dx] = level
-        missing = [dx for dx in DIAGNOSES if dx not in seen]
-        if missing:
-            raise ValueError(f"risk_map leaves diagnoses without a level: {missing}")
+        risk_level_of(self.risk_map)
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError("val_fraction + test_fraction must leave at least 20% for training")
         return self
 
     def level_of(self) -> dict[str, str]:
         """Diagnosis -> risk level."""
-        return {dx: level for level, dxs in self.risk_map.items() for dx in dxs}
+        return risk_level_of(self.risk_map)
 
 
 class AugmentParams(_Section):

@@ -5,6 +5,7 @@ Vocabularies are those of the published dataset (Tschandl et al., 2018, doi:10.1
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 METADATA_COLUMNS: tuple[str, ...] = (
@@ -77,3 +78,25 @@ RAW_SOURCE_FILE = "SOURCE.json"
 def raw_image_path(raw_dir: Path, image_id: str) -> Path:
     """Path of one image in the canonical raw layout."""
     return raw_dir / RAW_IMAGES_DIR / f"{image_id}.jpg"
+
+
+def risk_level_of(risk_map: Mapping[str, Sequence[str]], diagnoses: Sequence[str] = DIAGNOSES) -> dict[str, str]:
+    """Diagnosis -> risk level from a ``risk_map`` (level -> diagnoses), checked on the way.
+
+    Raises ``ValueError`` unless the map has exactly ``RISK_LEVELS`` and puts every one of
+    ``diagnoses`` (and nothing else) in exactly one level.
+    """
+    if set(risk_map) != set(RISK_LEVELS):
+        raise ValueError(f"risk_map must have exactly the levels {list(RISK_LEVELS)}, got {sorted(risk_map)}")
+    level_of: dict[str, str] = {}
+    for level in RISK_LEVELS:
+        for dx in risk_map[level]:
+            if dx not in diagnoses:
+                raise ValueError(f"risk_map.{level} names unknown diagnosis {dx!r}; accepted: {list(diagnoses)}")
+            if dx in level_of:
+                raise ValueError(f"diagnosis {dx!r} is in both {level_of[dx]!r} and {level!r}")
+            level_of[dx] = level
+    missing = [dx for dx in diagnoses if dx not in level_of]
+    if missing:
+        raise ValueError(f"risk_map leaves diagnoses without a level: {missing}")
+    return level_of
