@@ -20,6 +20,9 @@ from tasks.params import Params, load_params
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Prefect's in-process API server gets 20 s to start by default: too little for a cold first run
+# (fresh venv, bytecode not yet compiled) on a 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _params(args: argparse.Namespace) -> Params:
