@@ -49,8 +49,9 @@ def main() -> None:
 
     tensors = ({"image": normalize_for_mobilenet(subset.images), "clinical": subset.clinical}, subset.risk)
     in_memory = lambda: model.fit(*tensors, batch_size=params.batch_size, epochs=1, verbose=0)  # noqa: E731
-    pipeline = make_dataset(subset, subset.risk, batch_size=params.batch_size, training=True,
-                            augment=params.augment, seed=params.seed)
+    pipeline = make_dataset(
+        subset, subset.risk, batch_size=params.batch_size, training=True, augment=params.augment, seed=params.seed
+    )
 
     in_memory()  # warm-up: graph tracing
     images_per_second(model, pipeline, n)
@@ -58,8 +59,10 @@ def main() -> None:
     in_memory()
     memory_rate = n / (time.perf_counter() - started)
     pipeline_rate = np.median([images_per_second(model, pipeline, n) for _ in range(2)])
-    print(f"images: {n} at {summary['image_size']}x{summary['image_size']}, batch {params.batch_size}, "
-          f"weights {params.weights}, alpha {params.alpha}, cores {os.cpu_count()}")
+    print(
+        f"images: {n} at {summary['image_size']}x{summary['image_size']}, batch {params.batch_size}, "
+        f"weights {params.weights}, alpha {params.alpha}, cores {os.cpu_count()}"
+    )
     print(f"model.fit on in-memory tensors:  {memory_rate:8.1f} images/s")
     print(f"model.fit through the pipeline:  {pipeline_rate:8.1f} images/s (shuffle + augmentation + normalization)")
     print(f"ratio:                           {pipeline_rate / memory_rate:8.2f}  (target >= 0.90)")

@@ -10,6 +10,8 @@ import numpy as np
 from tasks.errors import DataError
 from tasks.params import AugmentParams
 
+IMAGES_FILE = "images.npy"  # every preprocessed image; each split's .npz names its rows
+
 
 @dataclass(frozen=True)
 class SplitArrays:
@@ -30,12 +32,33 @@ class SplitArrays:
 
 
 def load_split(processed_dir: Path, split: str) -> SplitArrays:
-    """Load ``processed_dir/<split>.npz`` written by the preprocess stage."""
+    """Load one split of the preprocess output (``<split>.npz`` and its rows of ``images.npy``).
+
+    Output of earlier versions, with the images inside ``<split>.npz``, loads too.
+    """
     path = Path(processed_dir) / f"{split}.npz"
     if not path.exists():
         raise DataError(f"{path} not found: run `skinrisk preprocess` first")
     with np.load(path, allow_pickle=False) as data:
-        arrays = SplitArrays(**{key: data[key] for key in SplitArrays.__dataclass_fields__})
+        fields = {key: data[key] for key in SplitArrays.__dataclass_fields__ if key in data.files}
+        rows = data["image_rows"] if "image_rows" in data.files else None
+    if rows is not None:
+        images_path = Path(processed_dir) / IMAGES_FILE
+        if not images_path.exists():
+            raise DataError(
+                f"{images_path} not found: the preprocess output is incomplete; rerun `skinrisk preprocess`"
+            )
+        stored = np.load(images_path, mmap_mode="r")
+        if len(rows) and rows.max() >= len(stored):
+            raise DataError(
+                f"{path} names row {rows.max()} of {images_path}, which holds {len(stored)}: "
+                "the files come from different preprocess runs; rerun `skinrisk preprocess`"
+            )
+        fields["images"] = stored[rows]  # a copy in memory: the file stays closed to writes
+    missing = set(SplitArrays.__dataclass_fields__) - set(fields)
+    if missing:
+        raise DataError(f"{path} lacks {sorted(missing)}: not a preprocess output; rerun `skinrisk preprocess`")
+    arrays = SplitArrays(**fields)
     if len(arrays) == 0:
         raise DataError(f"{path} holds no images: the {split} split is empty")
     return arrays

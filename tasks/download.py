@@ -86,15 +86,9 @@ class _PinnedFile:
 # tab-separated conversion by default; its size and MD5 here, like the API's checksum, are those
 # of the uploaded CSV, which ``?format=original`` returns.
 PINNED_FILES: tuple[_PinnedFile, ...] = (
-    _PinnedFile(
-        "HAM10000_metadata.csv", 4338392, 690_218, "8f85fb1aa29d80a2797247e434deb79d", True
-    ),
-    _PinnedFile(
-        "HAM10000_images_part_1.zip", 3172585, 1_366_522_108, "4639bfa73ab251610530a97c898e6e46"
-    ),
-    _PinnedFile(
-        "HAM10000_images_part_2.zip", 3172584, 1_403_566_547, "da43d6cc50f6613013be07e8986b384b"
-    ),
+    _PinnedFile("HAM10000_metadata.csv", 4338392, 690_218, "8f85fb1aa29d80a2797247e434deb79d", True),
+    _PinnedFile("HAM10000_images_part_1.zip", 3172585, 1_366_522_108, "4639bfa73ab251610530a97c898e6e46"),
+    _PinnedFile("HAM10000_images_part_2.zip", 3172584, 1_403_566_547, "da43d6cc50f6613013be07e8986b384b"),
 )
 
 
@@ -143,11 +137,7 @@ def fetch_manifest(
             f"{url} answered for {doi} without data.latestVersion.files; "
             "is this a Dataverse server, and is the dataset published?"
         ) from exc
-    files = [
-        remote
-        for remote in (_remote_file(entry, base_url, url) for entry in entries)
-        if _is_wanted(remote.name)
-    ]
+    files = [remote for remote in (_remote_file(entry, base_url, url) for entry in entries) if _is_wanted(remote.name)]
     _require_complete(files, doi, url)
     if _same_doi(doi, HAM10000_DOI):
         _check_against_pinned(files)
@@ -366,9 +356,7 @@ def _retrying(attempt: Callable[[], T], *, what: str, retries: int, hint: str) -
         except _TransientError as exc:
             failures = 0 if exc.progressed else failures + 1
             if failures > retries:
-                raise DownloadError(
-                    f"{what} failed: {exc} (gave up after {retries} retries); {hint}"
-                ) from exc
+                raise DownloadError(f"{what} failed: {exc} (gave up after {retries} retries); {hint}") from exc
             delay = min(BACKOFF_MAX_SECONDS, BACKOFF_SECONDS * 2 ** max(failures - 1, 0))
             if exc.retry_after is not None:
                 delay = max(delay, min(exc.retry_after, BACKOFF_MAX_SECONDS))
@@ -378,9 +366,7 @@ def _retrying(attempt: Callable[[], T], *, what: str, retries: int, hint: str) -
 
 def _get_json(session: requests.Session, url: str, params: dict[str, str]) -> Any:
     try:
-        response = session.get(
-            url, params=params, headers={"Accept": "application/json"}, timeout=TIMEOUT_SECONDS
-        )
+        response = session.get(url, params=params, headers={"Accept": "application/json"}, timeout=TIMEOUT_SECONDS)
     except requests.RequestException as exc:
         raise _TransientError(f"cannot connect to {url}: {exc}") from exc
     with response:
@@ -388,9 +374,7 @@ def _get_json(session: requests.Session, url: str, params: dict[str, str]) -> An
         try:
             return response.json()
         except ValueError as exc:
-            raise DataError(
-                f"{response.url} did not answer with JSON ({exc}): is {url} a Dataverse API?"
-            ) from exc
+            raise DataError(f"{response.url} did not answer with JSON ({exc}): is {url} a Dataverse API?") from exc
 
 
 def _stream_to_part(
@@ -496,8 +480,7 @@ def _raise_for_status(response: requests.Response, *, advice: str) -> None:
         raise _TransientError(described, retry_after=_retry_after(response))
     if status in (401, 403):
         advice = (
-            "access was refused: the file may be restricted, or its terms may have to be "
-            "accepted in a browser first"
+            "access was refused: the file may be restricted, or its terms may have to be accepted in a browser first"
         )
     raise DownloadError(f"{described}; {advice}")
 

@@ -20,6 +20,11 @@ def load_image(source: Path | bytes, size: int) -> np.ndarray:
     JPEGs are decoded at a reduced DCT scale when they are much larger than ``size``, which is
     several times faster and, followed by the antialiased resize, visually the same.
     """
+    return np.asarray(resized_image(source, size), dtype=np.uint8)
+
+
+def resized_image(source: Path | bytes, size: int) -> Image.Image:
+    """What :func:`load_image` returns, still as a Pillow image (``tobytes()`` is its pixels)."""
     where = "image bytes" if isinstance(source, bytes) else str(source)
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
@@ -28,12 +33,12 @@ def load_image(source: Path | bytes, size: int) -> np.ndarray:
     try:
         with handle, Image.open(handle) as image:
             image.draft("RGB", (size, size))
-            rgb = image.convert("RGB")
-            rgb.load()
+            image.load()
+            # convert() copies even when the mode is already RGB (most JPEGs): skip that copy
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            return rgb.resize((size, size), Image.Resampling.BILINEAR)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot decode image {where}: {exc}") from exc
-    resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8)
 
 
 def normalize_for_mobilenet(images: np.ndarray) -> np.ndarray:

@@ -368,8 +368,9 @@ def build_reference_profile(
     """Build the reference profile from up to ``params.reference_size`` training cases; returns ``out_path``.
 
     One image per training lesion (see :func:`one_per_lesion`), then a seeded sample of
-    ``params.reference_size`` lesions when there are more. Reads ``processed_dir/train.npz`` (images as the model saw them), ``cases.csv`` (raw age, sex
-    and site), ``encoder.json`` and ``preprocess.json``. With ``raw_dir`` (the import the data was
+    ``params.reference_size`` lesions when there are more. Reads the training split (images as
+    the model saw them), ``cases.csv`` (raw age, sex and site), ``encoder.json`` and
+    ``preprocess.json``. With ``raw_dir`` (the import the data was
     preprocessed from) the original image sizes are profiled too, and drift in them is then
     monitored. The sample is drawn with ``params.seed``.
     """

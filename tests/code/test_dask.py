@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tasks.dataset import IMAGES_FILE
 from tasks.errors import SkinriskError
 from tasks.params import PreprocessParams
 from tasks.preprocess import CASES_FILE, ENCODER_FILE, SPLITS, decode_images, preprocess
@@ -33,12 +34,14 @@ def image_paths(raw_dir):
     return [raw_image_path(raw_dir, image_id) for image_id in metadata["image_id"]]
 
 
-def test_decoding_on_dask_is_byte_identical_to_one_process(scheduler, image_paths):
+def test_decoding_on_dask_is_byte_identical_to_one_process(scheduler, image_paths, tmp_path):
     alone = decode_images(image_paths, 32, workers=1)
     on_dask = decode_images(image_paths, 32, workers=2, executor="dask", dask_address=scheduler)
     pool = decode_images(image_paths, 32, workers=2)
+    in_file = decode_images(image_paths, 32, workers=2, out=tmp_path / "images.npy")  # workers write the file
     assert on_dask.dtype == alone.dtype == np.uint8 and on_dask.shape == alone.shape == (len(image_paths), 32, 32, 3)
-    assert on_dask.tobytes() == alone.tobytes() == pool.tobytes()
+    assert on_dask.tobytes() == alone.tobytes() == pool.tobytes() == in_file.tobytes()
+    assert np.load(tmp_path / "images.npy").tobytes() == alone.tobytes()
 
 
 def test_a_local_cluster_is_started_when_no_scheduler_is_named(image_paths):
@@ -60,7 +63,7 @@ def test_preprocess_on_dask_writes_the_same_splits(scheduler, raw_dir, tmp_path)
         for name in alone.files:
             assert alone[name].dtype == on_dask[name].dtype
             assert alone[name].tobytes() == on_dask[name].tobytes(), (split, name)
-    for name in (CASES_FILE, ENCODER_FILE):
+    for name in (IMAGES_FILE, CASES_FILE, ENCODER_FILE):
         assert (tmp_path / "alone" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes()
 
 

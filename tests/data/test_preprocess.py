@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from tasks.clinical import ClinicalEncoder
-from tasks.dataset import load_split
+from tasks.dataset import IMAGES_FILE, load_split
 from tasks.errors import DataError
 from tasks.params import PreprocessParams
-from tasks.preprocess import CASES_FILE, ENCODER_FILE, SPLITS, preprocess
+from tasks.preprocess import CASES_FILE, ENCODER_FILE, SPLITS, first_group_fold, preprocess
 from tasks.schema import RAW_METADATA_FILE, RISK_LEVELS, raw_image_path
 
 
@@ -107,15 +107,16 @@ def _raw_copy(raw_dir, tmp_path):
     return copy
 
 
-def test_corrupt_image_fails_and_keeps_the_previous_output(raw_dir, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "worker-processes"])
+def test_corrupt_image_fails_and_keeps_the_previous_output(raw_dir, tmp_path, workers):
     out = tmp_path / "processed"
-    preprocess(raw_dir, out, PreprocessParams(image_size=32, workers=1))
+    preprocess(raw_dir, out, PreprocessParams(image_size=32, workers=workers))
     before = (out / CASES_FILE).read_bytes()
     raw = _raw_copy(raw_dir, tmp_path)
     image_id = pd.read_csv(raw / RAW_METADATA_FILE)["image_id"].iloc[5]
     raw_image_path(raw, image_id).write_bytes(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(DataError, match=image_id):
-        preprocess(raw, out, PreprocessParams(image_size=32, workers=1))
+        preprocess(raw, out, PreprocessParams(image_size=32, workers=workers))
     assert (out / CASES_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["processed", "raw"], "no staging leftovers"
 
@@ -138,3 +139,53 @@ def test_unknown_dx_and_wrong_age_type_name_the_line(raw_dir, tmp_path):
 def test_missing_raw_data_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match="skinrisk data import"):
         preprocess(tmp_path / "raw", tmp_path / "out", PreprocessParams())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_fold_is_scikit_learns_stratified_group_kfold(seed):
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    rng = np.random.default_rng(seed)
+    n_splits = int(rng.integers(2, 8))
+    lesions = rng.integers(0, 400, size=1500).astype(str)  # several images for many lesions
+    levels = np.array(["low", "moderate", "high"])[rng.choice(3, size=1500, p=[0.8, 0.09, 0.11])]
+    strata = pd.Series(levels).groupby(lesions).transform("first").to_numpy()  # one level per lesion
+    ours = first_group_fold(strata, lesions, n_splits, seed)
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, held_out = next(folds.split(np.zeros(len(strata)), strata, lesions))
+    theirs = np.zeros(len(strata), dtype=bool)
+    theirs[held_out] = True
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_split_arrays_are_rows_of_one_image_file(processed_dir, cases):
+    images = np.load(processed_dir / IMAGES_FILE, mmap_mode="r")
+    assert images.shape == (len(cases), 32, 32, 3)
+    for split in SPLITS:
+        arrays = load_split(processed_dir, split)
+        rows = np.flatnonzero((cases["split"] == split).to_numpy())
+        np.testing.assert_array_equal(arrays.images, images[rows])
+        assert arrays.image_id.tolist() == cases.loc[rows, "image_id"].tolist()
+
+
+def test_older_output_with_images_in_each_split_file_still_loads(processed_dir, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    current = load_split(processed_dir, "val")
+    np.savez(
+        old / "val.npz",
+        images=current.images,
+        clinical=current.clinical,
+        risk=current.risk,
+        dx=current.dx,
+        image_id=current.image_id,
+    )
+    np.testing.assert_array_equal(load_split(old, "val").images, current.images)
+
+
+def test_split_file_without_its_image_file_is_refused(processed_dir, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(processed_dir / "test.npz", partial / "test.npz")
+    with pytest.raises(DataError, match="images.npy not found"):
+        load_split(partial, "test")
