@@ -264,7 +264,15 @@ def cmd_triage(args: argparse.Namespace) -> None:
     from tasks.triage import triage
 
     bundle = load_bundle(args.model, Path(args.processed_dir), Path(args.model_dir))
-    summary = triage(bundle, Path(args.cases), Path(args.images), Path(args.out))
+    summary = triage(
+        bundle,
+        Path(args.cases),
+        Path(args.images),
+        Path(args.out),
+        executor=args.executor,
+        workers=args.workers,
+        dask_address=args.dask_address,
+    )
     print(
         f"scored {summary.n_scored} of {summary.n_cases} cases in {summary.seconds_scoring:.1f} s: "
         f"{summary.n_referred} referred; queue in {summary.queue_path}"
@@ -486,6 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
     triage_cmd.add_argument("--cases", required=True, help="CSV with columns image, age, sex, localization")
     triage_cmd.add_argument("--images", required=True, help="folder the image column is relative to")
     triage_cmd.add_argument("--out", required=True, help="the ranked queue (CSV)")
+    triage_cmd.add_argument(
+        "--workers", type=int, default=1, help="processes checking and decoding the rows (0: one per core; default 1)"
+    )
+    triage_cmd.add_argument(
+        "--executor",
+        choices=["processes", "dask"],
+        default="processes",
+        help="where the row shards run: local processes or a Dask cluster (the queue is the same)",
+    )
+    triage_cmd.add_argument(
+        "--dask-address", default="", help="with --executor dask: a scheduler (tcp://HOST:8786); empty: a local cluster"
+    )
     triage_cmd.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="for a saved-model path")
     triage_cmd.add_argument("--model-dir", default=str(paths.MODELS_DIR), help="for a saved-model path")
 

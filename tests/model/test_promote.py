@@ -128,3 +128,11 @@ def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, m
     reasons = " | ".join(invalid["reason"])
     for fragment in ("nowhere.jpg not found", "'elbow' is not one of", "130 is outside", "cannot decode image"):
         assert fragment in reasons, reasons
+
+    # The command line, its rows checked in two worker processes: the same queue.
+    from tasks.cli import main
+
+    command = ["triage", "--model", "models:/skinrisk@champion", "--cases", str(tmp_path / "cases.csv")]
+    command += ["--images", str(images), "--out", str(tmp_path / "queue2.csv"), "--workers", "2"]
+    assert main([*command, "--processed-dir", str(processed)]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "queue2.csv"), queue)
