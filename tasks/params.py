@@ -103,7 +103,7 @@ class TrainParams(_Section):
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: float = Field(2.0, ge=0)
     class_weights: bool = True
-    smote: bool = Field(False, description="oversample the head phase on frozen embeddings")
+    smote: bool = Field(True, description="oversample the head phase on frozen embeddings")
     early_stopping_patience: int = Field(3, ge=1)
     steps_per_epoch: int = Field(0, ge=0, description="0: the whole training split each epoch")
     seed: int = 42

@@ -14,6 +14,7 @@ def test_project_params_file_parses_to_the_documented_defaults():
     assert params.preprocess.level_of()["mel"] == "high"
     assert params.preprocess.level_of()["bcc"] == "moderate"
     assert params.train.target == "risk"
+    assert params.train.smote and params.train.loss == "cross_entropy" and params.train.class_weights
     assert params.evaluate.target_recall == 0.90
 
 
