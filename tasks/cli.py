@@ -520,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    logging.getLogger("shap").setLevel(logging.WARNING)  # KernelExplainer logs its arrays per case
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

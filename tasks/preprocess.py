@@ -166,7 +166,8 @@ def decode_images(
     """
     shape = (len(paths), size, size, 3)
     n_workers = workers or os.cpu_count() or 1
-    chunk = max(16, min(256, len(paths) // (n_workers * 4) or 1))
+    # Small shards: the last ones finish close together (256-image shards left a worker idle ~0.2 s)
+    chunk = max(16, min(128, len(paths) // (n_workers * 8) or 1))
     starts = range(0, len(paths), chunk)
     chunks = [[str(p) for p in paths[s : s + chunk]] for s in starts]
     if out is not None and paths and executor == "processes":
