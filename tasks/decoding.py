@@ -24,15 +24,12 @@ def decode_shard_into(shard: tuple[int, list[str]], size: int, out: str, offset:
 
     The file is shared by all workers (each writes its own rows), so no pixels travel back
     through a pipe to the parent: at HAM10000 scale that copy cost as much as the decoding.
-    One positioned write per shard, not a memory map: faulting in a fresh file page by page
-    cost a third of the decoding time. Returns the number of rows written.
+    Each image is written as it is decoded (no memory map: faulting in a fresh file page by page
+    cost a third of the decoding time; no shard buffer: one copy fewer). Returns the rows written.
     """
     first, paths = shard
-    row_bytes = size * size * 3
-    block = bytearray(row_bytes * len(paths))
-    for i, path in enumerate(paths):
-        block[i * row_bytes : (i + 1) * row_bytes] = resized_image(Path(path), size).tobytes()
     with open(out, "r+b") as handle:
-        handle.seek(offset + first * row_bytes)
-        handle.write(block)
+        handle.seek(offset + first * size * size * 3)
+        for path in paths:
+            handle.write(resized_image(Path(path), size).tobytes())
     return len(paths)
