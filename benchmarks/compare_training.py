@@ -7,7 +7,7 @@ threshold chosen on validation. Prints one row per variant and writes them to WO
 A variant whose figures are already in WORK is not trained again (rerun to resume).
 
     .venv/bin/python benchmarks/compare_training.py [--data ../shared/data/ham10000-200px]
-        [--work /tmp/skinrisk-compare] [--variants ce-weights dx-target focal smote] [--set k=v ...]
+        [--work /tmp/skinrisk-compare] [--variants ce-weights smote ...] [--set k=v ...]
 
 One seed per variant: differences inside the bootstrap intervals printed are not evidence.
 """
@@ -24,10 +24,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ham10000-200px"
 VARIANTS: dict[str, list[str]] = {
-    "ce-weights": [],  # the defaults: 3 risk levels, class-weighted cross-entropy
-    "dx-target": ["train.target=dx"],
-    "focal": ["train.loss=focal"],
-    "smote": ["train.smote=true"],
+    "ce-weights": ["train.smote=false"],  # 3 risk levels, class-weighted cross-entropy throughout
+    "dx-target": ["train.target=dx", "train.smote=false"],
+    "focal": ["train.loss=focal", "train.smote=false"],
+    "smote": ["train.smote=true"],  # the default since this comparison
+    # the diagnoses again, without the 40x class weights of df and vasc
+    "dx-smote": ["train.target=dx", "train.smote=true", "train.class_weights=false"],
+    "dx-unweighted": ["train.target=dx", "train.smote=false", "train.class_weights=false"],
 }
 
 
