@@ -280,7 +280,9 @@ def train(
         if final is None:
             return first_epoch
         checkpoints.load_weights(fit_model, f"{phase}.best.weights.h5")  # the best epoch, not the last
-        checkpoints.mark_done(phase, fit_model, final["epoch"])
+        # The whole model, not just what this phase fitted: a SMOTE head phase fits the head alone,
+        # and both resuming after it and falling back to it need the backbone as it was too.
+        checkpoints.mark_done(phase, model, final["epoch"])
         return final["epoch"]
 
     def train_data():
@@ -315,7 +317,7 @@ def train(
         _compile(model, params.finetune_learning_rate, params, n_classes)
         run_phase("finetune", model, train_data(), head_last, params.finetune_epochs, weights)
         head, finetune = checkpoints.state("head"), checkpoints.state("finetune")
-        if head and finetune and finetune["best"] < head["best"]:
+        if head and finetune and finetune["best"] <= head["best"]:
             # Fine-tuning never beat the head phase on validation: keep the better model.
             print(
                 f"fine-tuning peaked at {MONITOR} {finetune['best']:.4f} < {head['best']:.4f} after the head "

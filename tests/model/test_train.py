@@ -62,17 +62,18 @@ def test_diagnosis_target_sums_to_risk_levels(processed_dir, tmp_path):
     assert len(metrics["confusion_matrix"]) == 3
 
 
-def test_smote_head_phase_trains(processed_dir, tmp_path):
+def test_smote_head_phase_trains_and_is_kept_when_fine_tuning_never_beats_it(processed_dir, tmp_path, capsys):
     from tasks.train import train
 
-    result = train(
-        processed_dir,
-        tmp_path / "models",
-        tmp_path / "reports",
-        tiny_train_params(smote=True, head_epochs=2, finetune_epochs=1),
-    )
+    # Fine-tuning at a vanishing rate cannot beat the head phase: the whole model (backbone
+    # included) must fall back to the head phase's snapshot, which a SMOTE head phase fits alone.
+    params = tiny_train_params(smote=True, head_epochs=2, finetune_epochs=1, finetune_learning_rate=1e-12)
+    result = train(processed_dir, tmp_path / "models", tmp_path / "reports", params)
     history = pd.read_csv(result.history_path)
-    assert history["phase"].tolist()[:2] == ["head", "head"] and np.isfinite(history["val_loss"]).all()
+    assert history["phase"].tolist() == ["head", "head", "finetune"] and np.isfinite(history["val_loss"]).all()
+    assert "keeping the head-phase weights" in capsys.readouterr().out
+    head_best = history.loc[history["phase"] == "head", "val_balanced_accuracy"].max()
+    assert result.best_val_balanced_accuracy == pytest.approx(head_best)
 
 
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(processed_dir, tmp_path):
