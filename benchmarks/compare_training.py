@@ -90,12 +90,12 @@ def main() -> None:
         return f"({pair[0]:.3f}-{pair[1]:.3f})" if pair and None not in pair else ""
 
     print(
-        f"\n{'variant':<12}{'test BA (95% CI)':<26}{'high recall@op (CI)':<26}{'spec':>6}{'F1':>7}{'AUC':>7}"
+        f"\n{'variant':<15}{'test BA (95% CI)':<26}{'high recall@op (CI)':<26}{'spec':>6}{'F1':>7}{'AUC':>7}"
         f"{'ECE':>7}{'val BA':>8}{'epochs':>7}{'min':>6}"
     )
     for row in rows:
         print(
-            f"{row['variant']:<12}"
+            f"{row['variant']:<15}"
             f"{row['balanced_accuracy']:.3f} {ci(row['balanced_accuracy_ci95']):<20}"
             f"{row['high_risk_recall']:.3f} {ci(row['high_risk_recall_ci95']):<20}"
             f"{row['specificity']:>6.3f}{row['macro_f1']:>7.3f}{row['roc_auc_ovr']:>7.3f}{row['ece']:>7.3f}"
