@@ -320,8 +320,8 @@ def train(
         if head and finetune and finetune["best"] <= head["best"]:
             # Fine-tuning never beat the head phase on validation: keep the better model.
             print(
-                f"fine-tuning peaked at {MONITOR} {finetune['best']:.4f} < {head['best']:.4f} after the head "
-                "phase: keeping the head-phase weights"
+                f"fine-tuning peaked at {MONITOR} {finetune['best']:.4f}, not above {head['best']:.4f} after "
+                "the head phase: keeping the head-phase weights"
             )
             checkpoints.load_weights(model, "head.weights.h5")
 

@@ -3,7 +3,6 @@ cluster of two worker processes and give byte-identical results to the single-pr
 
 import json
 import logging
-import socket
 
 import numpy as np
 import pandas as pd
@@ -14,6 +13,7 @@ from tasks.errors import SkinriskError
 from tasks.params import PreprocessParams
 from tasks.preprocess import CASES_FILE, ENCODER_FILE, SPLITS, decode_images, preprocess
 from tasks.schema import raw_image_path
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow  # starts Dask clusters (worker processes)
 
@@ -112,9 +112,7 @@ def test_an_unreachable_scheduler_is_a_clear_error(monkeypatch, image_paths):
     from tasks import shards
 
     monkeypatch.setattr(shards, "CONNECT_TIMEOUT_S", 2)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(SkinriskError, match="no Dask scheduler answers") as caught:
         decode_images(image_paths[:20], 32, executor="dask", dask_address=address)
     assert address in str(caught.value)

@@ -2,7 +2,6 @@
 run logs while its server is away is spooled and sent later, in order (a stand-in MLflow client
 here; tests/integration/test_faults.py stops and restarts a real server)."""
 
-import socket
 import time
 from pathlib import Path
 
@@ -12,17 +11,12 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from tasks import tracking
 from tasks.tracking import TrackingUnavailable
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket is closed
+from tests.support import free_port
 
 
 @pytest.mark.parametrize("scheme", ["http", "postgresql"])
 def test_an_unreachable_tracking_store_is_refused_fast_and_clearly(monkeypatch, scheme):
-    uri = f"{scheme}://127.0.0.1:{_closed_port()}" + ("/skinrisk_mlflow" if scheme == "postgresql" else "")
+    uri = f"{scheme}://127.0.0.1:{free_port()}" + ("/skinrisk_mlflow" if scheme == "postgresql" else "")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
     with pytest.raises(TrackingUnavailable) as caught:

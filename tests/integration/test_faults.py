@@ -14,7 +14,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,15 +26,9 @@ from infra import servers
 from tasks import tracking
 from tasks.tracking import TrackingUnavailable
 from tasks.workspace_lock import WorkspaceBusy, workspace_lock
-from tests.support import tiny_params_file
+from tests.support import free_port, tiny_params_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _work_dirs(root: Path) -> dict[str, str]:
@@ -62,7 +55,7 @@ def prefect_api():
 def test_an_unreachable_mlflow_server_stops_the_flow_before_any_work(prefect_api, tmp_path, monkeypatch):
     from flows.training import training_pipeline
 
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SKINRISK_LOCK_DIR", str(tmp_path / "locks"))
     params = tiny_params_file(tmp_path / "params.yaml")
@@ -83,7 +76,7 @@ def mlflow_server(tmp_path):
     """A real MLflow server (SQLite backend, proxied artifacts) that the test may stop and restart."""
     config = servers.ServerConfig(
         mlflow_backend_store=f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
-        mlflow_port=_free_port(),
+        mlflow_port=free_port(),
         state_dir=tmp_path / "server",
         mlflow_workers=1,
         startup_timeout=420,

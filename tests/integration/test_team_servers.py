@@ -5,7 +5,6 @@ the flow runs. The work-pool templates are accepted by the Prefect server."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import requests
 import yaml
 
 from infra import servers
-from tests.support import PROJECT_ROOT, tiny_params_file
+from tests.support import PROJECT_ROOT, free_port, tiny_params_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -42,12 +41,6 @@ print("RESULT " + json.dumps({
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _postgres_or_skip() -> None:
     import psycopg
 
@@ -66,8 +59,8 @@ def team_servers(tmp_path_factory):
         postgres_url=POSTGRES_URL,
         mlflow_db=f"skinrisk_mlflow_t{suffix}",
         prefect_db=f"skinrisk_prefect_t{suffix}",
-        mlflow_port=_free_port(),
-        prefect_port=_free_port(),
+        mlflow_port=free_port(),
+        prefect_port=free_port(),
         state_dir=tmp_path_factory.mktemp("servers"),
         mlflow_workers=1,
         prefect_ui=False,
