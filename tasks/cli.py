@@ -1,7 +1,9 @@
 """The ``skinrisk`` command line: one subcommand per pipeline stage, all sharing --params/--set.
 
 Heavy libraries (TensorFlow, Prefect, MLflow) are imported inside the command that needs them,
-so ``skinrisk --help`` and the data commands start quickly.
+so ``skinrisk --help`` and the data commands start quickly. Even the params (pydantic) wait for a
+command: a spawned worker process re-imports this module as its main module, and should not pay
+0.2 s for what it never uses.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks import paths
 from tasks.errors import SkinriskError
-from tasks.params import Params, load_params
+
+if TYPE_CHECKING:
+    from tasks.params import Params
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -26,6 +31,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _params(args: argparse.Namespace) -> Params:
+    from tasks.params import load_params
+
     return load_params(args.params, args.set)
 
 
@@ -499,9 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     triage_cmd.add_argument(
         "--executor",
-        choices=["processes", "dask"],
+        choices=["processes", "threads", "dask"],
         default="processes",
-        help="where the row shards run: local processes or a Dask cluster (the queue is the same)",
+        help="where the row shards run: local processes or threads, or a Dask cluster (the queue is the same)",
     )
     triage_cmd.add_argument(
         "--dask-address", default="", help="with --executor dask: a scheduler (tcp://HOST:8786); empty: a local cluster"

@@ -48,9 +48,9 @@ class PreprocessParams(_Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     seed: int = 42
-    workers: int = Field(0, ge=0, description="image-decoding processes; 0 means one per core")
-    executor: Literal["processes", "dask"] = Field(
-        "processes", description="where image-decoding shards run: local processes, or a Dask cluster"
+    workers: int = Field(0, ge=0, description="image-decoding processes (or threads); 0 means one per core")
+    executor: Literal["processes", "threads", "dask"] = Field(
+        "processes", description="where image-decoding shards run: local processes or threads, or a Dask cluster"
     )
     dask_address: str = Field(
         "", description="Dask scheduler, e.g. tcp://10.0.0.5:8786; empty: a local cluster of `workers` processes"

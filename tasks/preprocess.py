@@ -17,9 +17,11 @@ Everything is staged and moved in at once, so a failure leaves the previous outp
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,13 +32,14 @@ import pandas as pd
 from tasks.atomic import atomic_directory, write_json
 from tasks.clinical import ClinicalEncoder, parse_age
 from tasks.dataset import IMAGES_FILE
-from tasks.decoding import decode_shard, decode_shard_into
-from tasks.errors import DataError
+from tasks.decoding import decode_claimed_shards, decode_shard_into, share_shard_counter
+from tasks.errors import DataError, SkinriskError
+from tasks.images import decode_shard
 from tasks.ingest import read_raw_metadata
 from tasks.metadata import require_columns
 from tasks.params import PreprocessParams
-from tasks.schema import DIAGNOSES, RAW_METADATA_FILE, RISK_LEVELS, raw_image_path
-from tasks.shards import Executor, map_shards
+from tasks.schema import DIAGNOSES, RAW_METADATA_FILE, RISK_LEVELS, raw_image_paths
+from tasks.shards import EXECUTORS, Executor, map_shards
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 ENCODER_FILE = "encoder.json"
@@ -101,12 +104,26 @@ def first_group_fold(strata: np.ndarray, groups: np.ndarray, n_splits: int, seed
     groups_inv = inverse[groups_inv]
 
     per_fold = np.zeros((n_splits, n_classes))
+    sizes = [0.0] * n_splits  # per_fold.sum(axis=1), kept as it changes
     placed = np.eye(n_splits)[:, :, None]  # candidate i: the group added to fold i only
+    # np.std(candidates, axis=1).mean(axis=1) spelled out as the ufuncs numpy's _var and _mean
+    # call, into buffers made once: the same arithmetic, a third of the time (no wrappers)
+    candidates = np.empty((n_splits, n_splits, n_classes))
+    fold_mean = np.empty((n_splits, 1, n_classes))
+    class_std = np.empty((n_splits, n_classes))
     fold_of_group = np.empty(n_groups, dtype=np.int64)
     for group in np.argsort(-np.std(counts, axis=1), kind="stable"):
-        candidates = (per_fold + placed * counts[group]) / y_cnt
-        scores = np.std(candidates, axis=1).mean(axis=1).tolist()
-        sizes = per_fold.sum(axis=1).tolist()
+        np.multiply(placed, counts[group], out=candidates)
+        np.add(per_fold, candidates, out=candidates)
+        np.true_divide(candidates, y_cnt, out=candidates)
+        np.add.reduce(candidates, axis=1, keepdims=True, out=fold_mean)
+        np.true_divide(fold_mean, n_splits, out=fold_mean)
+        np.subtract(candidates, fold_mean, out=candidates)
+        np.square(candidates, out=candidates)
+        np.add.reduce(candidates, axis=1, out=class_std)
+        np.true_divide(class_std, n_splits, out=class_std)
+        np.sqrt(class_std, out=class_std)
+        scores = (np.add.reduce(class_std, axis=1) / n_classes).tolist()
         best, best_score, best_size = 0, scores[0], sizes[0]
         for fold in range(1, n_splits):
             score, size = scores[fold], sizes[fold]
@@ -115,6 +132,7 @@ def first_group_fold(strata: np.ndarray, groups: np.ndarray, n_splits: int, seed
             if score < best_score or (tie and size < best_size):
                 best, best_score, best_size = fold, score, size
         per_fold[best] += counts[group]
+        sizes[best] += float(counts[group].sum())
         fold_of_group[group] = best
     return fold_of_group[groups_inv] == 0
 
@@ -145,8 +163,123 @@ def split_by_lesion(frame: pd.DataFrame, params: PreprocessParams) -> pd.Series:
     return pd.Series(labels, index=frame.index, dtype=object)
 
 
+def _shards(paths: Sequence[str | Path], workers: int) -> list[tuple[int, list[str]]]:
+    """``paths`` cut into ``(first_row, paths)`` shards for ``workers`` workers (0: one per core)."""
+    n_workers = workers or os.cpu_count() or 1
+    # Small shards: the last ones finish close together (256-image shards left a worker idle ~0.2 s)
+    chunk = max(16, min(128, len(paths) // (n_workers * 8) or 1))
+    return [(start, [str(p) for p in paths[start : start + chunk]]) for start in range(0, len(paths), chunk)]
+
+
+def _create_images_file(out: Path, n_images: int, size: int) -> int:
+    """Create the ``.npy`` file ``out`` for ``n_images`` images (its data not yet written: a sparse
+    file) and return the offset of the data, where the workers write."""
+    created = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n_images, size, size, 3))
+    offset = created.offset
+    del created  # unmapped: the workers write through the file
+    return offset
+
+
+def _decode_in_memory(
+    paths: Sequence[str | Path], size: int, workers: int, executor: Executor, dask_address: str
+) -> np.ndarray:
+    """The decoded images as one array, the shards run by :func:`tasks.shards.map_shards`."""
+    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    shards = _shards(paths, workers)
+    if shards:
+        decode = partial(decode_shard, size=size)
+        blocks = map_shards(
+            decode, [rows for _, rows in shards], executor=executor, workers=workers, dask_address=dask_address
+        )
+        for (start, _), block in zip(shards, blocks, strict=True):
+            images[start : start + len(block)] = block
+    return images
+
+
+def _decode_into_file(
+    paths: Sequence[str | Path], size: int, out: Path, workers: int, executor: Executor, dask_address: str
+) -> None:
+    """The decoded images written to the ``.npy`` file ``out``: by local workers straight into it,
+    or gathered from Dask and saved."""
+    if not paths or executor == "dask":
+        np.save(out, _decode_in_memory(paths, size, workers, executor, dask_address))
+        return
+    fill = partial(decode_shard_into, size=size, out=str(out), offset=_create_images_file(out, len(paths), size))
+    map_shards(fill, _shards(paths, workers), executor=executor, workers=workers)
+
+
+class ImageDecoding:
+    """Decoding ``paths`` into the ``.npy`` file ``out`` while the caller does other work.
+
+    ``with ImageDecoding(...) as decoding:`` starts it; :meth:`finish` waits for it (and returns the
+    seconds it took). With local processes (the default), ``workers - 1`` spawned processes start
+    decoding at once and :meth:`finish` makes the calling thread the last worker: it claims shards
+    from the same counter once its own work is done, so it never competes with that work for the
+    GIL or for a core, and no core idles while a worker process starts. Otherwise (threads, Dask,
+    one worker) the decoding runs from a background thread. The array is the same byte for byte
+    whichever worker decoded which shard.
+
+    Leaving the block waits for every worker, and after an exception no further shard is started:
+    nothing writes into ``out`` once the block is left.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        size: int,
+        out: Path,
+        *,
+        workers: int = 0,
+        executor: Executor = "processes",
+        dask_address: str = "",
+    ) -> None:
+        if executor not in EXECUTORS:
+            raise SkinriskError(f"unknown executor {executor!r}; accepted: {list(EXECUTORS)}")
+        self.paths, self.size, self.out = paths, size, Path(out)
+        self.workers, self.executor, self.dask_address = workers, executor, dask_address
+        self._counter = None
+        self._pending: list[Future] = []
+
+    def __enter__(self) -> ImageDecoding:
+        self._started = time.perf_counter()
+        n_workers = self.workers or os.cpu_count() or 1
+        shards = _shards(self.paths, self.workers)
+        if self.executor == "processes" and n_workers > 1 and len(shards) > 1:
+            offset = _create_images_file(self.out, len(self.paths), self.size)
+            # spawn, not fork: the caller may already have TensorFlow (and its threads) loaded
+            context = multiprocessing.get_context("spawn")
+            self._counter = context.Value("q", 0)
+            self._pool = ProcessPoolExecutor(
+                n_workers - 1, mp_context=context, initializer=share_shard_counter, initargs=(self._counter,)
+            )
+            self._decode = partial(decode_claimed_shards, shards, self.size, str(self.out), offset)
+            self._pending = [self._pool.submit(self._decode) for _ in range(n_workers - 1)]
+        else:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+            decode = partial(
+                _decode_into_file, self.paths, self.size, self.out, self.workers, self.executor, self.dask_address
+            )
+            self._pending = [self._pool.submit(decode)]
+        return self
+
+    def finish(self) -> float:
+        """Decode alongside the workers (local processes) and wait for all of them; the seconds
+        since the decoding started. A worker's error is raised here."""
+        if self._counter is not None:
+            self._decode(counter=self._counter)
+        for future in self._pending:
+            future.result()
+        return time.perf_counter() - self._started
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is not None and self._counter is not None:
+            with self._counter.get_lock():
+                self._counter.value = 1 << 62  # every shard claimed: the workers stop after their current one
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def decode_images(
-    paths: list[Path],
+    paths: Sequence[str | Path],
     size: int,
     workers: int = 0,
     executor: Executor = "processes",
@@ -156,44 +289,19 @@ def decode_images(
 ) -> np.ndarray:
     """Decode and resize ``paths`` into one uint8 array (N x size x size x 3), in parallel shards.
 
-    The shards run in local processes (``workers``; 0: one per core, 1: here) or, with
+    The shards run in local processes or threads (``workers``; 0: one per core, 1: here) or, with
     ``executor="dask"``, on a Dask cluster (``dask_address``, or a local one of ``workers``
     processes); the array is the same byte for byte either way (see ``tasks.shards``).
 
     With ``out`` the array is the ``.npy`` file there, returned memory-mapped read-only: local
-    worker processes write their rows into it directly instead of sending them back through a
-    pipe (see :func:`tasks.decoding.decode_shard_into`).
+    workers write their rows into it directly instead of sending them back (see
+    :func:`tasks.decoding.decode_shard_into` and :class:`ImageDecoding`).
     """
-    shape = (len(paths), size, size, 3)
-    n_workers = workers or os.cpu_count() or 1
-    # Small shards: the last ones finish close together (256-image shards left a worker idle ~0.2 s)
-    chunk = max(16, min(128, len(paths) // (n_workers * 8) or 1))
-    starts = range(0, len(paths), chunk)
-    chunks = [[str(p) for p in paths[s : s + chunk]] for s in starts]
-    if out is not None and paths and executor == "processes":
-        created = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=shape)
-        offset = created.offset
-        del created  # unmapped: the workers write through the file
-        fill = partial(decode_shard_into, size=size, out=str(out), offset=offset)
-        map_shards(fill, list(zip(starts, chunks, strict=True)), workers=workers)
-        return np.load(out, mmap_mode="r")
-    images = np.empty(shape, dtype=np.uint8)
-    if paths:
-        blocks = map_shards(
-            partial(decode_shard, size=size), chunks, executor=executor, workers=workers, dask_address=dask_address
-        )
-        for start, block in zip(starts, blocks, strict=True):
-            images[start : start + len(block)] = block
-    if out is not None:
-        np.save(out, images)
-    return images
-
-
-def _timed(fn, *args, **kwargs) -> float:
-    """Seconds that ``fn(*args, **kwargs)`` took."""
-    started = time.perf_counter()
-    fn(*args, **kwargs)
-    return time.perf_counter() - started
+    if out is None:
+        return _decode_in_memory(paths, size, workers, executor, dask_address)
+    with ImageDecoding(paths, size, out, workers=workers, executor=executor, dask_address=dask_address) as decoding:
+        decoding.finish()
+    return np.load(out, mmap_mode="r")
 
 
 def preprocess(
@@ -201,8 +309,9 @@ def preprocess(
 ) -> PreprocessSummary:
     """Run the preprocess stage from ``raw_dir`` into ``processed_dir`` (see module docstring).
 
-    The images are decoded in the background (worker processes) while the splits and the
-    clinical encoding are computed here: the stage takes little longer than the decoding.
+    The images are decoded by worker processes while the splits and the clinical encoding are
+    computed here; then this thread decodes too (see :class:`ImageDecoding`): the stage takes
+    little longer than the decoding.
     """
     raw_dir, processed_dir = Path(raw_dir), Path(processed_dir)
     source = raw_dir / RAW_METADATA_FILE
@@ -214,21 +323,21 @@ def preprocess(
         frame = frame.loc[frame["age"].notna()]
     frame = frame.reset_index(drop=True)
     n_dropped = n_before - len(frame)
-    paths = [raw_image_path(raw_dir, image_id) for image_id in frame["image_id"]]
+    paths = raw_image_paths(raw_dir, frame["image_id"])
 
-    # The executor is left (waiting for the decoding) before the staging folder is moved in or
+    # The decoding is left (waiting for every worker) before the staging folder is moved in or
     # removed, so no worker is ever writing into a folder that a failure is deleting.
-    with atomic_directory(processed_dir) as staging, ThreadPoolExecutor(1, thread_name_prefix="decode") as background:
-        decoding = background.submit(
-            _timed,
-            decode_images,
+    with (
+        atomic_directory(processed_dir) as staging,
+        ImageDecoding(
             paths,
             params.image_size,
-            params.workers,
-            params.executor,
-            params.dask_address,
-            out=staging / IMAGES_FILE,
-        )
+            staging / IMAGES_FILE,
+            workers=params.workers,
+            executor=params.executor,
+            dask_address=params.dask_address,
+        ) as decoding,
+    ):
         frame["split"] = split_by_lesion(frame, params)
         encoder = ClinicalEncoder.fit(frame.loc[frame["split"] == "train"], params.missing_clinical)
         clinical = encoder.transform(frame)
@@ -267,7 +376,7 @@ def preprocess(
                 "lesions": lesions,
             },
         )
-        seconds_decoding = decoding.result()
+        seconds_decoding = decoding.finish()  # this thread decodes too, now that its own work is done
     summary = PreprocessSummary(
         n_images=len(frame),
         n_dropped=n_dropped,

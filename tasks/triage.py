@@ -98,7 +98,7 @@ def triage(
     invalid, ``<out>.invalid.csv`` with each row's reasons. Both are written atomically.
 
     Checking and decoding the rows is split into shards of ``shard_size`` cases that run here
-    (``workers=1``, the default), in local processes, or on a Dask cluster (``executor="dask"``,
+    (``workers=1``, the default), in local processes or threads, or on a Dask cluster (``executor="dask"``,
     ``dask_address``; see ``tasks.shards``); the queue is the same either way. The model scores
     the valid images here, in batches.
     """

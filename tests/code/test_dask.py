@@ -39,8 +39,9 @@ def test_decoding_on_dask_is_byte_identical_to_one_process(scheduler, image_path
     on_dask = decode_images(image_paths, 32, workers=2, executor="dask", dask_address=scheduler)
     pool = decode_images(image_paths, 32, workers=2)
     in_file = decode_images(image_paths, 32, workers=2, out=tmp_path / "images.npy")  # workers write the file
+    threads = decode_images(image_paths, 32, workers=2, executor="threads", out=tmp_path / "threads.npy")
     assert on_dask.dtype == alone.dtype == np.uint8 and on_dask.shape == alone.shape == (len(image_paths), 32, 32, 3)
-    assert on_dask.tobytes() == alone.tobytes() == pool.tobytes() == in_file.tobytes()
+    assert on_dask.tobytes() == alone.tobytes() == pool.tobytes() == in_file.tobytes() == threads.tobytes()
     assert np.load(tmp_path / "images.npy").tobytes() == alone.tobytes()
 
 

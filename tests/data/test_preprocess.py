@@ -1,5 +1,6 @@
 import json
 import shutil
+import time
 
 import numpy as np
 import pandas as pd
@@ -189,3 +190,18 @@ def test_split_file_without_its_image_file_is_refused(processed_dir, tmp_path):
     shutil.copy(processed_dir / "test.npz", partial / "test.npz")
     with pytest.raises(DataError, match="images.npy not found"):
         load_split(partial, "test")
+
+
+def test_an_error_beside_the_decoding_stops_it_and_nothing_writes_after(raw_dir, tmp_path):
+    from tasks.preprocess import ImageDecoding
+
+    metadata = pd.read_csv(raw_dir / RAW_METADATA_FILE)
+    paths = [str(raw_image_path(raw_dir, image_id)) for image_id in metadata["image_id"]] * 20
+    out = tmp_path / "images.npy"
+    with pytest.raises(RuntimeError, match="the caller's own work"), ImageDecoding(paths, 32, out, workers=2):
+        raise RuntimeError("the caller's own work failed")  # while the worker process is still starting
+    written = out.stat().st_mtime_ns
+    images = np.load(out, mmap_mode="r")
+    assert not images[-200:].any(), "unclaimed shards are not decoded after the error"
+    time.sleep(0.3)
+    assert out.stat().st_mtime_ns == written, "no worker writes once the block is left"
