@@ -38,8 +38,10 @@ def test_a_few_steps_lower_the_loss_on_tiny_data():
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
     x = {"image": images.astype("float32"), "clinical": clinical}
     before = model.evaluate(x, labels, verbose=0)
-    model.fit(x, labels, epochs=12, batch_size=16, verbose=0)
-    assert model.evaluate(x, labels, verbose=0) < before * 0.8
+    # 24 epochs, not 12: the inference-mode loss lags the training loss until the BatchNorm moving
+    # statistics catch up with the weights, and after 12 it was still at 0.9x on some CPUs
+    model.fit(x, labels, epochs=24, batch_size=16, verbose=0)
+    assert model.evaluate(x, labels, verbose=0) < before * 0.5
 
 
 def test_unavailable_imagenet_weights_say_how_to_fix_it(tmp_path, monkeypatch):
