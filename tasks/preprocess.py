@@ -20,7 +20,7 @@ import json
 import multiprocessing
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -209,63 +209,69 @@ def _decode_into_file(
 
 
 class ImageDecoding:
-    """Decoding ``paths`` into the ``.npy`` file ``out`` while the caller does other work.
+    """Decoding images into the ``.npy`` file ``out`` while the caller does other work.
 
-    ``with ImageDecoding(...) as decoding:`` starts it; :meth:`finish` waits for it (and returns the
-    seconds it took). With local processes (the default), ``workers - 1`` spawned processes start
-    decoding at once and :meth:`finish` makes the calling thread the last worker: it claims shards
-    from the same counter once its own work is done, so it never competes with that work for the
-    GIL or for a core, and no core idles while a worker process starts. Otherwise (threads, Dask,
-    one worker) the decoding runs from a background thread. The array is the same byte for byte
-    whichever worker decoded which shard.
+    ``with ImageDecoding(size, out, ...) as decoding:`` gets the workers ready (spawned worker
+    processes take 0.1 s to start: they start now, while the caller reads its metadata);
+    :meth:`start` gives them the paths; :meth:`finish` waits for the decoding and returns the
+    seconds since :meth:`start`. With local processes (the default) there is one worker process
+    per core beyond the first, and :meth:`finish` makes the calling thread the last worker: it
+    claims shards from the same counter once its own work is done, so it never competes with that
+    work for the GIL or for a core. Otherwise (threads, Dask, one worker) the decoding runs from a
+    background thread. The array is the same byte for byte whichever worker decoded which shard.
 
     Leaving the block waits for every worker, and after an exception no further shard is started:
     nothing writes into ``out`` once the block is left.
     """
 
     def __init__(
-        self,
-        paths: Sequence[str | Path],
-        size: int,
-        out: Path,
-        *,
-        workers: int = 0,
-        executor: Executor = "processes",
-        dask_address: str = "",
+        self, size: int, out: Path, *, workers: int = 0, executor: Executor = "processes", dask_address: str = ""
     ) -> None:
         if executor not in EXECUTORS:
             raise SkinriskError(f"unknown executor {executor!r}; accepted: {list(EXECUTORS)}")
-        self.paths, self.size, self.out = paths, size, Path(out)
+        self.size, self.out = size, Path(out)
         self.workers, self.executor, self.dask_address = workers, executor, dask_address
         self._counter = None
+        self._n_processes = 0
+        self._decode: Callable[..., int] | None = None
         self._pending: list[Future] = []
 
     def __enter__(self) -> ImageDecoding:
-        self._started = time.perf_counter()
-        n_workers = self.workers or os.cpu_count() or 1
-        shards = _shards(self.paths, self.workers)
-        if self.executor == "processes" and n_workers > 1 and len(shards) > 1:
-            offset = _create_images_file(self.out, len(self.paths), self.size)
+        n_processes = (self.workers or os.cpu_count() or 1) - 1
+        if self.executor == "processes" and n_processes > 0:
+            self._n_processes = n_processes
             # spawn, not fork: the caller may already have TensorFlow (and its threads) loaded
             context = multiprocessing.get_context("spawn")
             self._counter = context.Value("q", 0)
             self._pool = ProcessPoolExecutor(
-                n_workers - 1, mp_context=context, initializer=share_shard_counter, initargs=(self._counter,)
+                n_processes, mp_context=context, initializer=share_shard_counter, initargs=(self._counter,)
             )
-            self._decode = partial(decode_claimed_shards, shards, self.size, str(self.out), offset)
-            self._pending = [self._pool.submit(self._decode) for _ in range(n_workers - 1)]
+            for _ in range(n_processes):  # a process is spawned per task submitted: start them all now
+                self._pool.submit(os.getpid)
         else:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
+        return self
+
+    def start(self, paths: Sequence[str | Path]) -> None:
+        """Begin decoding ``paths`` (row ``i`` of ``out`` is ``paths[i]``)."""
+        self._started = time.perf_counter()
+        if self._counter is None:
             decode = partial(
-                _decode_into_file, self.paths, self.size, self.out, self.workers, self.executor, self.dask_address
+                _decode_into_file, paths, self.size, self.out, self.workers, self.executor, self.dask_address
             )
             self._pending = [self._pool.submit(decode)]
-        return self
+            return
+        if not paths:
+            np.save(self.out, np.empty((0, self.size, self.size, 3), dtype=np.uint8))
+            return
+        offset = _create_images_file(self.out, len(paths), self.size)
+        self._decode = partial(decode_claimed_shards, _shards(paths, self.workers), self.size, str(self.out), offset)
+        self._pending = [self._pool.submit(self._decode) for _ in range(self._n_processes)]
 
     def finish(self) -> float:
         """Decode alongside the workers (local processes) and wait for all of them; the seconds
-        since the decoding started. A worker's error is raised here."""
-        if self._counter is not None:
+        since :meth:`start`. A worker's error is raised here."""
+        if self._decode is not None:
             self._decode(counter=self._counter)
         for future in self._pending:
             future.result()
@@ -299,7 +305,8 @@ def decode_images(
     """
     if out is None:
         return _decode_in_memory(paths, size, workers, executor, dask_address)
-    with ImageDecoding(paths, size, out, workers=workers, executor=executor, dask_address=dask_address) as decoding:
+    with ImageDecoding(size, out, workers=workers, executor=executor, dask_address=dask_address) as decoding:
+        decoding.start(paths)
         decoding.finish()
     return np.load(out, mmap_mode="r")
 
@@ -315,22 +322,13 @@ def preprocess(
     """
     raw_dir, processed_dir = Path(raw_dir), Path(processed_dir)
     source = raw_dir / RAW_METADATA_FILE
-    frame = clinical_frame(read_raw_metadata(raw_dir), source)
-    frame = assign_risk_levels(frame, params)
-
-    n_before = len(frame)
-    if params.missing_clinical == "drop":
-        frame = frame.loc[frame["age"].notna()]
-    frame = frame.reset_index(drop=True)
-    n_dropped = n_before - len(frame)
-    paths = raw_image_paths(raw_dir, frame["image_id"])
+    raw = read_raw_metadata(raw_dir)  # a missing or unreadable table fails here, before any worker starts
 
     # The decoding is left (waiting for every worker) before the staging folder is moved in or
     # removed, so no worker is ever writing into a folder that a failure is deleting.
     with (
         atomic_directory(processed_dir) as staging,
         ImageDecoding(
-            paths,
             params.image_size,
             staging / IMAGES_FILE,
             workers=params.workers,
@@ -338,6 +336,14 @@ def preprocess(
             dask_address=params.dask_address,
         ) as decoding,
     ):
+        frame = assign_risk_levels(clinical_frame(raw, source), params)
+        n_before = len(frame)
+        if params.missing_clinical == "drop":
+            frame = frame.loc[frame["age"].notna()]
+        frame = frame.reset_index(drop=True)
+        n_dropped = n_before - len(frame)
+        decoding.start(raw_image_paths(raw_dir, frame["image_id"]))
+
         frame["split"] = split_by_lesion(frame, params)
         encoder = ClinicalEncoder.fit(frame.loc[frame["split"] == "train"], params.missing_clinical)
         clinical = encoder.transform(frame)

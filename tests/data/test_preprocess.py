@@ -198,7 +198,8 @@ def test_an_error_beside_the_decoding_stops_it_and_nothing_writes_after(raw_dir,
     metadata = pd.read_csv(raw_dir / RAW_METADATA_FILE)
     paths = [str(raw_image_path(raw_dir, image_id)) for image_id in metadata["image_id"]] * 20
     out = tmp_path / "images.npy"
-    with pytest.raises(RuntimeError, match="the caller's own work"), ImageDecoding(paths, 32, out, workers=2):
+    with pytest.raises(RuntimeError, match="the caller's own work"), ImageDecoding(32, out, workers=2) as decoding:
+        decoding.start(paths)
         raise RuntimeError("the caller's own work failed")  # while the worker process is still starting
     written = out.stat().st_mtime_ns
     images = np.load(out, mmap_mode="r")
