@@ -82,8 +82,8 @@ def raw_image_path(raw_dir: Path, image_id: str) -> Path:
 
 
 def raw_image_paths(raw_dir: Path, image_ids: Iterable[str]) -> list[str]:
-    """:func:`raw_image_path` of each id, as strings: ten times faster than building ``Path``s (20 ms
-    at HAM10000 scale, which the preprocess stage waits for before decoding can start)."""
+    """:func:`raw_image_path` of each id, as strings: 4 ms for HAM10000 where building ``Path``s took
+    19 ms, which the preprocess stage waits for before decoding can start."""
     folder = str(raw_image_path(raw_dir, "_").parent)
     return [os.path.join(folder, f"{image_id}.jpg") for image_id in image_ids]
 
