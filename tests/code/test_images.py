@@ -55,6 +55,21 @@ def test_fast_jpeg_path_gives_pillows_pixels(width, height, subsampling, progres
     assert ours.tobytes() == pillow_reference(data, size).tobytes()
 
 
+def test_fast_path_walks_past_exif_icc_comments_and_restart_markers():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: ignored by both paths, as before
+    data = encoded(
+        textured(300, 225),
+        quality=85,
+        exif=exif.tobytes(),
+        icc_profile=bytes(range(256)) * 300,  # spans two APP2 segments
+        comment=b"dermoscope 7",
+        restart_marker_rows=2,
+    )
+    assert _jpeg_decoded(data, 128) is not None
+    assert load_image(data, 128).tobytes() == pillow_reference(data, 128).tobytes()
+
+
 @pytest.mark.parametrize(
     ("fmt", "mode"), [("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("TIFF", "RGB")]
 )
