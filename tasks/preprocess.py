@@ -33,13 +33,13 @@ from tasks.atomic import atomic_directory, write_json
 from tasks.clinical import ClinicalEncoder, parse_age
 from tasks.dataset import IMAGES_FILE
 from tasks.decoding import decode_claimed_shards, decode_shard_into, share_shard_counter
-from tasks.errors import DataError, SkinriskError
+from tasks.errors import DataError
 from tasks.images import decode_shard
 from tasks.ingest import read_raw_metadata
 from tasks.metadata import require_columns
 from tasks.params import PreprocessParams
 from tasks.schema import DIAGNOSES, RAW_METADATA_FILE, RISK_LEVELS, raw_image_paths
-from tasks.shards import EXECUTORS, Executor, map_shards
+from tasks.shards import Executor, map_shards, require_executor
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 ENCODER_FILE = "encoder.json"
@@ -227,8 +227,7 @@ class ImageDecoding:
     def __init__(
         self, size: int, out: Path, *, workers: int = 0, executor: Executor = "processes", dask_address: str = ""
     ) -> None:
-        if executor not in EXECUTORS:
-            raise SkinriskError(f"unknown executor {executor!r}; accepted: {list(EXECUTORS)}")
+        require_executor(executor)
         self.size, self.out = size, Path(out)
         self.workers, self.executor, self.dask_address = workers, executor, dask_address
         self._counter = None

@@ -37,6 +37,12 @@ Shard = TypeVar("Shard")
 Result = TypeVar("Result")
 
 
+def require_executor(executor: str) -> None:
+    """Refuse an executor name that is not one of :data:`EXECUTORS`, naming the accepted ones."""
+    if executor not in EXECUTORS:
+        raise SkinriskError(f"unknown executor {executor!r}; accepted: {list(EXECUTORS)}")
+
+
 @contextlib.contextmanager
 def dask_client(address: str = "", workers: int = 0) -> Iterator[Any]:
     """A ``distributed.Client`` on the scheduler at ``address``, or on a local cluster started here
@@ -78,12 +84,12 @@ def map_shards(
 ) -> list[Result]:
     """``fn(shard)`` for every shard, results in shard order.
 
-    ``threads`` or ``processes`` with ``workers == 1`` runs them here, one after the other; with more,
-    in a pool of threads or of spawned processes (0: one per core). ``dask`` runs them on a Dask cluster (see module docstring).
-    ``fn`` must be importable by name (a module-level function or a ``functools.partial`` of one).
+    ``threads`` or ``processes`` with ``workers == 1`` runs them here, one after the other; with
+    more, in a pool of threads or of spawned processes (0: one per core). ``dask`` runs them on a
+    Dask cluster (see module docstring). ``fn`` must be importable by name (a module-level function
+    or a ``functools.partial`` of one).
     """
-    if executor not in EXECUTORS:
-        raise SkinriskError(f"unknown executor {executor!r}; accepted: {list(EXECUTORS)}")
+    require_executor(executor)
     if not shards:
         return []
     if executor == "dask":

@@ -206,3 +206,14 @@ def test_an_error_beside_the_decoding_stops_it_and_nothing_writes_after(raw_dir,
     assert not images[-200:].any(), "unclaimed shards are not decoded after the error"
     time.sleep(0.3)
     assert out.stat().st_mtime_ns == written, "no worker writes once the block is left"
+
+
+def test_an_unknown_executor_is_refused_naming_the_accepted_ones(tmp_path):
+    from tasks.errors import SkinriskError
+    from tasks.preprocess import ImageDecoding
+    from tasks.shards import map_shards
+
+    with pytest.raises(SkinriskError, match=r"unknown executor 'ray'; accepted: \['processes', 'threads', 'dask'\]"):
+        ImageDecoding(32, tmp_path / "images.npy", executor="ray")
+    with pytest.raises(SkinriskError, match="unknown executor 'ray'"):
+        map_shards(len, [[1]], executor="ray")
