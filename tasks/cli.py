@@ -140,9 +140,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             end_run(run_id, "FAILED")
         raise
     print(
-        f"trained {result.epochs_run} epochs in {result.seconds:.0f} s; best validation balanced accuracy "
-        f"{result.best_val_balanced_accuracy:.3f}; model in {result.model_path}"
-        + (f"; MLflow run {run_id}" if run_id else "")
+        f"trained {result.epochs_run} epochs in {result.seconds:.0f} s; best {result.monitor} "
+        f"{result.best_value:.4f} (epoch {result.best_epoch}); temperature {result.temperature:.2f}; "
+        f"model in {result.model_path}" + (f"; MLflow run {run_id}" if run_id else "")
     )
 
 

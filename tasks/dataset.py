@@ -113,6 +113,11 @@ def make_dataset(
         images = tf.cast(features["image"], tf.float32)
         if augmenter is not None:
             images = tf.clip_by_value(augmenter(images, training=True), 0.0, 255.0)
+        if training and augment is not None and augment.rot90:
+            # Transposing half the (square) images, after the random flips, gives every one of the
+            # eight quarter-turn and mirror views with equal chance.
+            transpose = tf.random.uniform([tf.shape(images)[0]], seed=seed + 5) < 0.5
+            images = tf.where(transpose[:, None, None, None], tf.transpose(images, (0, 2, 1, 3)), images)
         images = images / 127.5 - 1.0  # as tasks.images.normalize_for_mobilenet
         return ({"image": images, "clinical": features["clinical"]}, *rest)
 

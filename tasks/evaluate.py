@@ -94,6 +94,7 @@ def _write_plots(
     reports_dir: Path,
     params: EvaluateParams,
     history_path: Path | None,
+    uncalibrated_probs: np.ndarray | None = None,
 ) -> None:
     from tasks.metrics import (
         plot_confusion_matrix,
@@ -110,9 +111,23 @@ def _write_plots(
     plot_reliability(
         reliability_curve(y_true, risk_probs, params.calibration_bins),
         reports_dir / "reliability.png",
+        before=None
+        if uncalibrated_probs is None
+        else reliability_curve(y_true, uncalibrated_probs, params.calibration_bins),
     )
     if history_path is not None and history_path.exists():
         plot_training_curves(pd.read_csv(history_path), reports_dir / "training_curves.png")
+
+
+def _uncalibrated(bundle: Bundle) -> Bundle | None:
+    """The bundle's model over the same views at temperature 1, or None if it has no temperature."""
+    from tasks.model import inference_model, scoring_settings, single_view
+
+    settings = scoring_settings(bundle.model)
+    if settings["temperature"] == 1.0:
+        return None
+    model = inference_model(single_view(bundle.model), settings["views"], 1.0)
+    return Bundle(model=model, encoder=bundle.encoder, summary=bundle.summary, operating_point=bundle.operating_point)
 
 
 def json_safe(value):
@@ -127,36 +142,43 @@ def json_safe(value):
 
 
 def headline_figures(metrics: dict) -> dict[str, float | None]:
-    """The figures looked at first: argmax quality, calibration, and the triage operating point."""
+    """The figures a triage user looks at first, in that order: melanoma discrimination, the
+    operating point, 3-level balanced accuracy, calibration; the macro averages last."""
     triage = metrics.get("triage") or {}
     return {
-        "balanced_accuracy": metrics.get("balanced_accuracy"),
-        "macro_f1": metrics.get("macro_f1"),
-        "roc_auc_ovr": metrics.get("roc_auc_ovr"),
-        "ece": metrics.get("ece"),
+        "high_risk_roc_auc": metrics.get("high_risk_roc_auc"),
+        "high_risk_pr_auc": metrics.get("high_risk_pr_auc"),
         "high_risk_recall": triage.get("high_risk_recall"),
         "specificity": triage.get("specificity"),
         "low_risk_spared": triage.get("low_risk_spared"),
         "threshold": triage.get("threshold"),
+        "balanced_accuracy": metrics.get("balanced_accuracy"),
+        "ece": metrics.get("ece"),
+        "macro_f1": metrics.get("macro_f1"),
+        "roc_auc_ovr": metrics.get("roc_auc_ovr"),
     }
 
 
 def format_headline(metrics: dict) -> str:
-    """:func:`headline_figures` with confidence intervals, for the console."""
+    """:func:`headline_figures` with confidence intervals and every operating point, for the console."""
     figures = headline_figures(metrics)
+    triage = metrics.get("triage") or {}
     intervals = {
+        "high_risk_roc_auc": metrics.get("high_risk_roc_auc_ci95"),
         "balanced_accuracy": metrics.get("balanced_accuracy_ci95"),
-        "high_risk_recall": (metrics.get("triage") or {}).get("high_risk_recall_ci95"),
+        "high_risk_recall": triage.get("high_risk_recall_ci95"),
     }
     labels = {
-        "balanced_accuracy": "balanced accuracy",
-        "high_risk_recall": "high-risk recall at the operating point",
+        "high_risk_roc_auc": "high-risk (melanoma) ROC-AUC",
+        "high_risk_pr_auc": "high-risk PR-AUC (average precision)",
+        "high_risk_recall": "sensitivity (high-risk recall) at the operating point",
         "specificity": "specificity at the operating point",
         "low_risk_spared": "low-risk lesions not referred",
         "threshold": "P(high) threshold (chosen on val)",
-        "macro_f1": "macro F1",
-        "roc_auc_ovr": "ROC-AUC (one-vs-rest)",
+        "balanced_accuracy": "3-level balanced accuracy",
         "ece": "expected calibration error",
+        "macro_f1": "macro F1",
+        "roc_auc_ovr": "macro one-vs-rest ROC-AUC (not the headline)",
     }
     lines = []
     for key, label in labels.items():
@@ -165,7 +187,22 @@ def format_headline(metrics: dict) -> str:
         ci = intervals.get(key)
         if ci and None not in ci:
             text += f"  (95% CI {ci[0]:.3f}-{ci[1]:.3f})"
-        lines.append(f"  {label:<42}{text}")
+        lines.append(f"  {label:<56}{text}")
+    calibration = metrics.get("calibration") or {}
+    if calibration.get("ece_before") is not None:
+        lines.append(
+            f"  {'ECE before temperature scaling (T = ' + format(calibration['temperature'], '.2f') + ')':<56}"
+            f"{calibration['ece_before']:.3f}"
+        )
+    for name, point in (metrics.get("operating_points") or {}).items():
+        recall, ci = point.get("high_risk_recall"), point.get("high_risk_recall_ci95") or [None, None]
+        if recall is None:
+            continue
+        interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if None not in ci else ""
+        lines.append(
+            f"  at {name.replace('_', ' ')} on val: sensitivity {recall:.3f}{interval}, specificity "
+            f"{point['specificity']:.3f}, low-risk not referred {point['low_risk_spared']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -191,8 +228,10 @@ def evaluate(
     run_id: str | None = None,
 ) -> dict:
     """Score the test split, choose the triage threshold on val, write and log every figure."""
-    from tasks.metrics import choose_threshold, classification_figures
-    from tasks.model import load_model
+    from sklearn.metrics import log_loss
+
+    from tasks.metrics import choose_threshold, classification_figures, expected_calibration_error, operating_point_name
+    from tasks.model import load_model, scoring_settings
 
     processed_dir, reports_dir, model_dir = Path(processed_dir), Path(reports_dir), Path(model_dir)
     bundle = Bundle(
@@ -205,24 +244,43 @@ def evaluate(
     val_probs = predict_risk(bundle, val.images, val.clinical)
     if not (val.risk == HIGH).any():
         raise SkinriskError("the validation split has no high-risk lesion: cannot choose a triage threshold")
+    # Thresholds on calibrated P(high), the probability every consumer of the model sees.
     threshold = choose_threshold(val.risk == HIGH, val_probs[:, HIGH], params.target_recall)
+    thresholds = {
+        operating_point_name(recall): choose_threshold(val.risk == HIGH, val_probs[:, HIGH], recall)
+        for recall in params.operating_recalls
+    }
     operating_point = {
         "target": bundle.target,
         "threshold": float(threshold),
         "target_recall": params.target_recall,
+        "thresholds": thresholds,
     }
 
     test_probs = predict_risk(bundle, test.images, test.clinical)
+    groups = _lesion_groups(processed_dir, test)
     metrics = classification_figures(
         test.risk,
         test_probs,
         list(RISK_LEVELS),
-        groups=_lesion_groups(processed_dir, test),
+        groups=groups,
         threshold=threshold,
+        operating_points=thresholds,
         high_index=HIGH,
         n_resamples=params.bootstrap_resamples,
         seed=params.seed,
     )
+    uncalibrated = _uncalibrated(bundle)
+    raw_probs = None
+    if uncalibrated is not None:
+        raw_probs = predict_risk(uncalibrated, test.images, test.clinical)
+        metrics["calibration"] = {
+            **scoring_settings(bundle.model),
+            "ece_before": expected_calibration_error(test.risk, raw_probs, params.calibration_bins),
+            "ece_after": expected_calibration_error(test.risk, test_probs, params.calibration_bins),
+            "log_loss_before": float(log_loss(test.risk, raw_probs, labels=range(len(RISK_LEVELS)))),
+            "log_loss_after": metrics["loss"],
+        }
     metrics = json_safe({**metrics, "n_test_images": len(test), "operating_point": operating_point})
 
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +297,7 @@ def evaluate(
     with tempfile.NamedTemporaryFile("w", dir=reports_dir, suffix=".tmp", delete=False) as handle:
         predictions.to_csv(handle, index=False)
     os.replace(handle.name, reports_dir / PREDICTIONS_FILE)
-    _write_plots(metrics, test.risk, test_probs, reports_dir, params, reports_dir / "training_history.csv")
+    _write_plots(metrics, test.risk, test_probs, reports_dir, params, reports_dir / "training_history.csv", raw_probs)
     write_json(model_dir / OPERATING_POINT_FILE, operating_point)
 
     if run_id:
@@ -321,6 +379,7 @@ def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: Eval
         list(RISK_LEVELS),
         groups=frame["lesion_id"].to_numpy(),
         threshold=threshold,
+        operating_points=(bundle.operating_point or {}).get("thresholds"),
         high_index=HIGH,
         n_resamples=params.bootstrap_resamples,
         seed=params.seed,

@@ -753,7 +753,7 @@ def explain_test_cases(
     from tasks.dataset import load_split
     from tasks.evaluate import Bundle, json_safe, predict_risk
     from tasks.images import normalize_for_mobilenet
-    from tasks.model import load_model
+    from tasks.model import calibrated_single_view, load_model, single_view
     from tasks.preprocess import CASES_FILE, ENCODER_FILE, read_preprocess_summary
 
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
@@ -769,7 +769,10 @@ def explain_test_cases(
     probs = predict_risk(bundle, test.images, test.clinical)
     predicted = probs.argmax(axis=1)
     assignment = bundle_assignment(bundle)
-    predictor = risk_predictor(bundle.model, assignment)
+    # Grad-CAM on the single view (the map is the same at any temperature); SHAP on the calibrated
+    # single view; the probabilities shown are the saved model's (every view, calibrated).
+    single, calibrated = single_view(bundle.model), calibrated_single_view(bundle.model)
+    predictor = risk_predictor(calibrated, assignment)
     background = training_background(processed_dir, params.shap_background, params.seed)
 
     shap_results: dict[int, dict] = {}
@@ -815,7 +818,7 @@ def explain_test_cases(
         for i, reason in chosen:
             image_id = str(test.image_id[i])
             cam = risk_level_gradcam(
-                bundle.model,
+                single,
                 normalize_for_mobilenet(test.images[i]),
                 test.clinical[i],
                 assignment,
@@ -915,8 +918,9 @@ def explain_case(
     ``background`` holds raw ``age, sex, localization`` rows for SHAP (e.g.
     :func:`training_background`); without it :func:`neutral_background` is used.
     """
-    from tasks.evaluate import json_safe
+    from tasks.evaluate import json_safe, predict_risk
     from tasks.images import load_image, normalize_for_mobilenet
+    from tasks.model import calibrated_single_view, single_view
 
     image = Path(image)
     raw = validate_case(bundle.encoder, age, sex, site)
@@ -927,15 +931,19 @@ def explain_case(
     clinical = bundle.encoder.transform(pd.DataFrame({name: [raw[name]] for name in SHAP_VARIABLES}))[0]
 
     assignment = bundle_assignment(bundle)
-    cam = risk_level_gradcam(bundle.model, normalized, clinical, assignment)
-    level = RISK_LEVELS[cam.level_index]
+    # The probabilities are the saved model's (every test-time view, calibrated), as served;
+    # Grad-CAM explains the predicted level on the single view, SHAP its calibrated probability.
+    probabilities = predict_risk(bundle, pixels[None], clinical[None])[0]
+    predicted = int(np.argmax(probabilities))
+    cam = risk_level_gradcam(single_view(bundle.model), normalized, clinical, assignment, level_index=predicted)
+    level = RISK_LEVELS[predicted]
     if background is None:
         background_source = "neutral: median training age with every sex and site"
         background = neutral_background(bundle.encoder)
     else:
         background_source = f"given: {len(background)} case(s)"
     shap_result = clinical_shap(
-        risk_predictor(bundle.model, assignment),
+        risk_predictor(calibrated_single_view(bundle.model), assignment),
         normalized,
         raw,
         background,
@@ -948,7 +956,7 @@ def explain_case(
     payload: dict[str, Any] = {
         "image": str(image),
         "clinical": raw,
-        "probabilities": _probabilities_dict(cam.risk_probabilities),
+        "probabilities": _probabilities_dict(probabilities),
         "risk_level": level,
         "explained_level": level,
         "shap": {**shap_result, "background": background_source},
@@ -957,7 +965,7 @@ def explain_case(
     if bundle.operating_point:
         threshold = float(bundle.operating_point["threshold"])
         payload["threshold"] = threshold
-        payload["refer"] = bool(cam.risk_probabilities[_HIGH] >= threshold)
+        payload["refer"] = bool(probabilities[_HIGH] >= threshold)
     payload = json_safe(payload)
 
     out_dir = Path(out_dir)

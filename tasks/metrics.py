@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from sklearn.metrics import (
+    average_precision_score,
     confusion_matrix,
     f1_score,
     log_loss,
@@ -346,6 +347,19 @@ def _class_recall(index: int) -> Callable[[np.ndarray, np.ndarray], float]:
 # The metrics dict
 
 
+def _high_risk_auc(y_high: np.ndarray, p_high: np.ndarray) -> float:
+    """ROC-AUC of P(high) for high risk against the rest; nan when either group is empty."""
+    positives = int(np.sum(y_high))
+    if positives == 0 or positives == len(y_high):
+        return math.nan
+    return float(roc_auc_score(y_high, p_high))
+
+
+def operating_point_name(target_recall: float) -> str:
+    """The key of an operating point in metrics.json, e.g. ``recall_0.90``."""
+    return f"recall_{target_recall:.2f}"
+
+
 def classification_figures(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -353,6 +367,7 @@ def classification_figures(
     *,
     groups: np.ndarray | None = None,
     threshold: float | None = None,
+    operating_points: Mapping[str, float] | None = None,
     high_index: int = 2,
     low_index: int = 0,
     n_resamples: int = 1000,
@@ -368,8 +383,13 @@ def classification_figures(
     ``ece``, ``high_risk_recall`` (argmax). A class absent from ``y_true`` (or making up all of
     it) has no defined AUC and is left out of ``roc_auc_per_class`` and the macro average.
 
+    The triage figures come first: ``high_risk_roc_auc`` (P(high), high risk against the rest)
+    with its ``high_risk_roc_auc_ci95`` and ``high_risk_pr_auc`` (average precision). The macro
+    one-vs-rest AUC is lifted by the easy moderate class and is never the headline.
+
     With ``threshold``, ``triage`` holds :func:`triage_figures` for referring
-    ``probs[:, high_index] >= threshold`` plus ``high_risk_recall_ci95`` at that operating point.
+    ``probs[:, high_index] >= threshold`` plus ``high_risk_recall_ci95`` at that operating point;
+    ``operating_points`` (name -> threshold) adds the same figures per named point.
     """
     y, p = _labels_and_probabilities(y_true, probs)
     names = [str(name) for name in class_names]
@@ -390,7 +410,13 @@ def classification_figures(
         if 0 < positive.sum() < positive.size:
             auc_per_class[names[k]] = float(roc_auc_score(positive, p[:, k]))
 
+    y_high, p_high = y == high_index, p[:, high_index]
     figures: dict[str, Any] = {
+        "high_risk_roc_auc": _high_risk_auc(y_high, p_high),
+        "high_risk_roc_auc_ci95": list(
+            bootstrap_interval(_high_risk_auc, y_high, p_high, n_resamples=n_resamples, seed=seed, groups=groups)
+        ),
+        "high_risk_pr_auc": float(average_precision_score(y_high, p_high)) if y_high.any() else math.nan,
         "n_cases": int(y.size),
         "accuracy": float(np.mean(y_pred == y)),
         "loss": float(log_loss(y, p, labels=labels)),
@@ -414,20 +440,25 @@ def classification_figures(
         "ece": expected_calibration_error(y, p),
         "high_risk_recall": _class_recall(high_index)(y, y_pred),
     }
-    if threshold is not None:
-        p_high = p[:, high_index]
-        triage: dict[str, Any] = dict(triage_figures(y, p_high, threshold, high_index=high_index, low_index=low_index))
+
+    def at(point: float) -> dict[str, Any]:
+        triage: dict[str, Any] = dict(triage_figures(y, p_high, point, high_index=high_index, low_index=low_index))
         triage["high_risk_recall_ci95"] = list(
             bootstrap_interval(
                 _class_recall(high_index),
                 y,
-                p_high >= threshold,
+                p_high >= point,
                 n_resamples=n_resamples,
                 seed=seed,
                 groups=groups,
             )
         )
-        figures["triage"] = triage
+        return triage
+
+    if threshold is not None:
+        figures["triage"] = at(threshold)
+    if operating_points:
+        figures["operating_points"] = {name: at(point) for name, point in operating_points.items()}
     return figures
 
 
@@ -489,19 +520,25 @@ def plot_confusion_matrix(
     _save(fig, path)
 
 
-def plot_reliability(curve: pd.DataFrame, path: Path) -> None:
-    """Reliability diagram from :func:`reliability_curve`: accuracy against confidence per bin."""
+def _curve_ece(curve: pd.DataFrame) -> float:
+    filled = curve[curve["count"] > 0]
+    total = curve["count"].sum()
+    if not total:
+        return math.nan
+    return float(((filled["accuracy"] - filled["mean_confidence"]).abs() * filled["count"]).sum()) / total
+
+
+def plot_reliability(curve: pd.DataFrame, path: Path, *, before: pd.DataFrame | None = None) -> None:
+    """Reliability diagram from :func:`reliability_curve`: accuracy against confidence per bin.
+
+    ``before``: the curve of the same cases before temperature scaling, drawn beside it.
+    """
     required = {"bin_lower", "bin_upper", "count", "mean_confidence", "accuracy"}
     missing = required - set(curve.columns)
     if missing:
         raise ValueError(f"reliability curve lacks columns {sorted(missing)}")
     filled = curve[curve["count"] > 0]
-    total = curve["count"].sum()
-    ece = (
-        float(((filled["accuracy"] - filled["mean_confidence"]).abs() * filled["count"]).sum()) / total
-        if total
-        else math.nan
-    )
+    ece = _curve_ece(curve)
     width = curve["bin_upper"] - curve["bin_lower"]
     centres = curve["bin_lower"] + width / 2
 
@@ -515,11 +552,23 @@ def plot_reliability(curve: pd.DataFrame, path: Path) -> None:
         alpha=0.7,
         label="accuracy",
     )
-    ax.plot(filled["mean_confidence"], filled["accuracy"], "o-", color="C3", label="per bin")
+    ax.plot(filled["mean_confidence"], filled["accuracy"], "o-", color="C3", label=f"calibrated (ECE {ece:.3f})")
+    title = f"Reliability diagram (ECE {ece:.3f})"
+    if before is not None:
+        raw = before[before["count"] > 0]
+        ece_before = _curve_ece(before)
+        ax.plot(
+            raw["mean_confidence"],
+            raw["accuracy"],
+            "s:",
+            color="C1",
+            label=f"before temperature (ECE {ece_before:.3f})",
+        )
+        title = f"Reliability diagram (ECE {ece_before:.3f} before temperature scaling, {ece:.3f} after)"
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("Accuracy of the top label")
-    ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left")
     ax_count.bar(centres, curve["count"], width=width, edgecolor="black", color="C0")
     ax_count.set_xlabel("Confidence (top-label probability)")

@@ -18,6 +18,8 @@ from tasks.params import TrainParams
 LAST_CONV_LAYER = "out_relu"  # MobileNetV2's last convolutional activation (Grad-CAM target)
 POOLED_LAYER = "image_pool"  # the pooled image embedding (monitoring, SMOTE head phase)
 OUTPUT_LAYER = "probabilities"
+AUX_OUTPUT_LAYER = "dx_probabilities"  # the auxiliary diagnosis head (training only)
+BASE_MODEL = "skinrisk"  # the single-view model inside the saved inference model
 _IMAGENET_SIZES = (96, 128, 160, 192, 224)
 
 
@@ -77,8 +79,11 @@ def _load_backbone_weights(image_input, shape: tuple[int, int, int], alpha: floa
     return backbone
 
 
-def build_model(image_size: int, n_clinical: int, n_classes: int, params: TrainParams) -> keras.Model:
-    """The fused model: inputs ``image`` (normalized to [-1, 1]) and ``clinical``; softmax out."""
+def build_model(
+    image_size: int, n_clinical: int, n_classes: int, params: TrainParams, *, aux_classes: int = 0
+) -> keras.Model:
+    """The fused single-view model: inputs ``image`` (normalized to [-1, 1]) and ``clinical``;
+    softmax out (and, with ``aux_classes``, the auxiliary diagnosis softmax as a second output)."""
     keras.utils.set_random_seed(params.seed)
     image_input = keras.Input((image_size, image_size, 3), name="image")
     clinical_input = keras.Input((n_clinical,), name="clinical")
@@ -95,15 +100,19 @@ def build_model(image_size: int, n_clinical: int, n_classes: int, params: TrainP
             if isinstance(layer, layers.BatchNormalization):
                 layer.momentum = 0.9
     image = layers.GlobalAveragePooling2D(name=POOLED_LAYER)(backbone.output)
-    head = fusion_head(n_clinical, n_classes, params, embedding_size=int(image.shape[-1]))
+    head = fusion_head(n_clinical, n_classes, params, embedding_size=int(image.shape[-1]), aux_classes=aux_classes)
     outputs = head([image, clinical_input])
-    return keras.Model([image_input, clinical_input], outputs, name="skinrisk")
+    return keras.Model([image_input, clinical_input], outputs, name=BASE_MODEL)
 
 
-def fusion_head(n_clinical: int, n_classes: int, params: TrainParams, embedding_size: int) -> keras.Model:
+def fusion_head(
+    n_clinical: int, n_classes: int, params: TrainParams, embedding_size: int, *, aux_classes: int = 0
+) -> keras.Model:
     """Everything after the pooled image embedding: image dense, clinical branch, fusion.
 
-    A model of its own so the head can also be trained on cached embeddings (SMOTE phase).
+    A model of its own so the head can also be run on cached embeddings (SHAP with the image
+    held fixed, monitoring). With ``aux_classes`` it has a second softmax, ``AUX_OUTPUT_LAYER``
+    over the diagnoses, trained beside the risk levels (an auxiliary task) and not served.
     """
     embedding = keras.Input((embedding_size,), name="image_embedding")
     clinical = keras.Input((n_clinical,), name="clinical_features")
@@ -114,12 +123,61 @@ def fusion_head(n_clinical: int, n_classes: int, params: TrainParams, embedding_
     fused = layers.Concatenate(name="fusion")([x, c])
     fused = layers.Dense(params.fusion_units, activation="relu", name="fusion_dense")(fused)
     fused = layers.Dropout(params.dropout, name="fusion_dropout")(fused)
-    outputs = layers.Dense(n_classes, activation="softmax", name=OUTPUT_LAYER)(fused)
-    return keras.Model([embedding, clinical], outputs, name="fusion_head")
+    outputs = [layers.Dense(n_classes, activation="softmax", name=OUTPUT_LAYER)(fused)]
+    if aux_classes:
+        outputs.append(layers.Dense(aux_classes, activation="softmax", name=AUX_OUTPUT_LAYER)(fused))
+    return keras.Model([embedding, clinical], outputs if aux_classes else outputs[0], name="fusion_head")
 
 
 def head_of(model: keras.Model) -> keras.Model:
-    return model.get_layer("fusion_head")
+    """The fusion head (embedding + clinical -> probabilities), its served output only."""
+    head = single_view(model).get_layer("fusion_head")
+    if len(head.outputs) > 1:
+        return keras.Model(head.inputs, head.outputs[0], name="fusion_head_served")
+    return head
+
+
+def _with_head(model: keras.Model, head: keras.Model) -> keras.Model:
+    """``model``'s backbone and pooled embedding feeding ``head`` (weights shared)."""
+    pooled = model.get_layer(POOLED_LAYER).output
+    return keras.Model(model.inputs, head([pooled, model.inputs[1]]), name=BASE_MODEL)
+
+
+def served_output(model: keras.Model) -> keras.Model:
+    """The training model without its auxiliary output: the single-view model that is served.
+
+    The auxiliary softmax is left out of the graph entirely (not only of the outputs), so the
+    served model has one softmax ``Dense``, which Grad-CAM's logit twin relies on.
+    """
+    if len(model.outputs) == 1:
+        return model
+    head = model.get_layer("fusion_head")
+    return _with_head(model, keras.Model(head.inputs, head.outputs[0], name="fusion_head"))
+
+
+def calibrated_single_view(model: keras.Model) -> keras.Model:
+    """The single-view model with the saved model's temperature inside its fusion head: what SHAP
+    explains (the clinical variables' effect on the calibrated probabilities, image fixed)."""
+    base = single_view(model)
+    temperature = scoring_settings(model)["temperature"]
+    if temperature == 1.0:
+        return base
+    head = head_of(base)
+    calibrated = Temperature(temperature, name="temperature")(head.output)
+    return _with_head(base, keras.Model(head.inputs, calibrated, name="fusion_head"))
+
+
+def single_view(model: keras.Model) -> keras.Model:
+    """The single-view model (where ``out_relu`` and the pooled embedding live) of a saved model.
+
+    A model saved by the train stage wraps it in test-time views and temperature scaling
+    (:func:`inference_model`); a bare model (tests, older versions) is its own single view.
+    """
+    try:
+        inner = model.get_layer(BASE_MODEL)
+    except ValueError:
+        return model
+    return inner if isinstance(inner, keras.Model) else model
 
 
 def set_finetune(model: keras.Model, from_block: int) -> int:
@@ -144,7 +202,8 @@ def set_finetune(model: keras.Model, from_block: int) -> int:
 
 
 def embedding_model(model: keras.Model) -> keras.Model:
-    """Image -> pooled backbone embedding, sharing the trained weights."""
+    """Image -> pooled backbone embedding (single view), sharing the trained weights."""
+    model = single_view(model)
     return keras.Model(model.get_layer("image").output, model.get_layer(POOLED_LAYER).output)
 
 
@@ -157,6 +216,116 @@ def sparse_focal_loss(gamma: float, n_classes: int):
         return focal(y_true, y_pred)
 
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# The saved inference model: test-time views and temperature scaling inside the graph, so every
+# caller (evaluate, serving, triage, explain, monitoring, promotion) scores the same probabilities.
+
+TTA_VIEWS = {"none": 1, "flips": 4, "dihedral": 8}
+
+
+@keras.saving.register_keras_serializable(package="skinrisk")
+class TestTimeViews(layers.Layer):
+    """Image batch (B, H, W, C) -> the views stacked on the batch axis (V * B, H, W, C).
+
+    ``flips``: as is, mirrored left-right, top-bottom, and both (a 180-degree turn);
+    ``dihedral``: those and their transposes (the 90-degree turns and the diagonal mirrors).
+    Dermoscopic images have no up or left, so each view is as valid as the original.
+    """
+
+    def __init__(self, views: str = "flips", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if views not in TTA_VIEWS:
+            raise ValueError(f"views must be one of {sorted(TTA_VIEWS)}, got {views!r}")
+        self.views = views
+
+    def call(self, images):
+        ops = keras.ops
+        stack = [images]
+        if self.views != "none":
+            stack += [ops.flip(images, axis=2), ops.flip(images, axis=1), ops.flip(ops.flip(images, axis=1), axis=2)]
+        if self.views == "dihedral":
+            stack += [ops.transpose(view, (0, 2, 1, 3)) for view in stack]
+        return ops.concatenate(stack, axis=0)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "views": self.views}
+
+
+@keras.saving.register_keras_serializable(package="skinrisk")
+class RepeatViews(layers.Layer):
+    """Clinical batch (B, F) -> repeated once per view, in the order of :class:`TestTimeViews`."""
+
+    def __init__(self, n_views: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n_views = int(n_views)
+
+    def call(self, features):
+        return keras.ops.tile(features, (self.n_views, 1))
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "n_views": self.n_views}
+
+
+@keras.saving.register_keras_serializable(package="skinrisk")
+class ViewMean(layers.Layer):
+    """(V * B, K) probabilities -> their mean over the V views (B, K)."""
+
+    def __init__(self, n_views: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n_views = int(n_views)
+
+    def call(self, probs):
+        ops = keras.ops
+        return ops.mean(ops.reshape(probs, (self.n_views, -1, ops.shape(probs)[-1])), axis=0)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "n_views": self.n_views}
+
+
+@keras.saving.register_keras_serializable(package="skinrisk")
+class Temperature(layers.Layer):
+    """Temperature scaling (Guo et al., 2017) of softmax outputs: ``softmax(log(p) / T)``.
+
+    ``log(softmax(z)) = z - logsumexp(z)``, so this equals ``softmax(z / T)`` of the logits.
+    """
+
+    def __init__(self, temperature: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+
+    def call(self, probs):
+        ops = keras.ops
+        return ops.softmax(ops.log(ops.clip(probs, 1e-12, 1.0)) / self.temperature, axis=-1)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "temperature": self.temperature}
+
+
+def inference_model(base: keras.Model, views: str = "flips", temperature: float = 1.0) -> keras.Model:
+    """``base`` (single view) scored over its test-time views, each temperature-scaled, averaged."""
+    n_views = TTA_VIEWS[views]
+    image = keras.Input(base.inputs[0].shape[1:], name="image")
+    clinical = keras.Input(base.inputs[1].shape[1:], name="clinical")
+    probs = base(
+        [TestTimeViews(views, name="test_time_views")(image), RepeatViews(n_views, name="repeat_views")(clinical)]
+    )
+    probs = Temperature(temperature, name="temperature")(probs)
+    probs = ViewMean(n_views, name=OUTPUT_LAYER)(probs)
+    return keras.Model([image, clinical], probs, name="skinrisk_inference")
+
+
+def scoring_settings(model: keras.Model) -> dict:
+    """``{"views", "temperature"}`` of a saved model (``none`` and 1.0 for a bare one)."""
+    try:
+        views = model.get_layer("test_time_views").views
+        temperature = model.get_layer("temperature").temperature
+    except ValueError:
+        return {"views": "none", "temperature": 1.0}
+    return {"views": views, "temperature": temperature}
 
 
 def load_model(path: Path) -> keras.Model:

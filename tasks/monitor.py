@@ -132,17 +132,20 @@ _OUTPUT_MODELS: dict[int, tuple[weakref.ref, Any]] = {}
 
 
 def model_outputs(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch_size: int = 64) -> ModelOutputs:
-    """Embeddings (``POOLED_LAYER``) and risk probabilities in one pass (as ``predict_risk`` scores)."""
+    """Single-view embeddings (``POOLED_LAYER``) and the saved model's risk probabilities (as
+    ``predict_risk`` scores), in one pass."""
     import keras
 
     from tasks.images import normalize_for_mobilenet
     from tasks.metrics import risk_probabilities
-    from tasks.model import POOLED_LAYER
+    from tasks.model import POOLED_LAYER, single_view
 
     model = bundle.model
     cached = _OUTPUT_MODELS.get(id(model))
     if cached is None or cached[0]() is not model:
-        both = keras.Model(model.inputs, [model.get_layer(POOLED_LAYER).output, model.output])
+        base = single_view(model)
+        embed = keras.Model(base.inputs, base.get_layer(POOLED_LAYER).output)
+        both = keras.Model(model.inputs, [embed(model.inputs), model.output])
         cached = _OUTPUT_MODELS[id(model)] = (weakref.ref(model), both)
     both = cached[1]
     embeddings, probs = [], []

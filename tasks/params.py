@@ -80,6 +80,7 @@ class AugmentParams(_Section):
     """Training-time augmentation; never applied to validation, test or serving inputs."""
 
     flip: bool = True
+    rot90: bool = Field(True, description="random quarter turns (dermoscopic images have no up)")
     rotation: float = Field(0.1, ge=0, le=0.5, description="max rotation, fraction of a full turn")
     zoom: float = Field(0.1, ge=0, lt=1, description="max zoom in or out, fraction")
     brightness: float = Field(0.1, ge=0, lt=1, description="max brightness change, fraction")
@@ -95,16 +96,30 @@ class TrainParams(_Section):
     fusion_units: int = Field(64, ge=2)
     dropout: float = Field(0.3, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)
-    head_epochs: int = Field(8, ge=0, description="epochs with the backbone frozen")
-    finetune_epochs: int = Field(4, ge=0, description="epochs with the top blocks trainable")
-    finetune_from_block: int = Field(13, ge=1, le=16, description="first MobileNetV2 block to fine-tune")
+    head_epochs: int = Field(3, ge=0, description="epochs with the backbone frozen, at learning_rate")
+    finetune_epochs: int = Field(10, ge=0, description="epochs with the blocks from finetune_from_block trainable")
+    finetune_from_block: int = Field(9, ge=1, le=16, description="first MobileNetV2 block to fine-tune")
     learning_rate: float = Field(1e-3, gt=0)
-    finetune_learning_rate: float = Field(1e-4, gt=0)
+    finetune_learning_rate: float = Field(3e-4, gt=0, description="fine-tuning's first rate")
+    finetune_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: the rate decays per epoch to 0 over finetune_epochs"
+    )
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: float = Field(2.0, ge=0)
-    class_weights: bool = True
-    smote: bool = Field(True, description="oversample the head phase on frozen embeddings")
-    early_stopping_patience: int = Field(3, ge=1)
+    class_weight_power: float = Field(
+        0.5, ge=0, le=1, description="class weights: balanced weights to this power (0 none, 1 fully balanced)"
+    )
+    aux_dx_weight: float = Field(
+        0.5, ge=0, description="loss weight of an auxiliary 7-diagnosis head (target risk only; 0: none)"
+    )
+    monitor: Literal["val_loss", "val_high_risk_auc", "val_balanced_accuracy"] = Field(
+        "val_loss", description="validation figure for the best epoch and early stopping"
+    )
+    early_stopping_patience: int = Field(4, ge=1)
+    tta: Literal["none", "flips", "dihedral"] = Field(
+        "flips", description="test-time views averaged by the saved model (1, 4 or 8)"
+    )
+    calibrate: bool = Field(True, description="fit a softmax temperature on validation, inside the saved model")
     steps_per_epoch: int = Field(0, ge=0, description="0: the whole training split each epoch")
     seed: int = 42
     distribution: Literal["none", "mirrored"] = Field(
@@ -124,14 +139,28 @@ class EvaluateParams(_Section):
     target_recall: float = Field(
         0.90, gt=0, le=1, description="high-risk recall the triage threshold is chosen for (on val)"
     )
+    operating_recalls: list[float] = Field(
+        [0.90, 0.95], description="high-risk recalls whose operating points (chosen on val) are reported"
+    )
     bootstrap_resamples: int = Field(1000, ge=100)
     calibration_bins: int = Field(15, ge=2)
     seed: int = 0
+
+    @field_validator("operating_recalls")
+    @classmethod
+    def _check_recalls(cls, value: list[float]) -> list[float]:
+        if any(not 0 < r <= 1 for r in value):
+            raise ValueError("every operating recall must be in (0, 1]")
+        return sorted(set(value))
 
 
 class PromoteParams(_Section):
     """Gates a challenger must pass, on the same evaluation data as the champion, to replace it."""
 
+    min_high_risk_auc: float = Field(
+        0.70, ge=0, le=1, description="high-risk ROC-AUC floor, also for the first champion"
+    )
+    max_high_risk_auc_drop: float = Field(0.01, ge=0, lt=1, description="tolerated high-risk AUC drop vs the champion")
     max_balanced_accuracy_drop: float = Field(0.01, ge=0, lt=1, description="tolerated drop vs the champion")
     min_high_risk_recall: float = Field(0.85, ge=0, le=1, description="floor at the triage operating point")
     max_ece: float = Field(0.15, gt=0, le=1, description="expected calibration error bound")

@@ -48,6 +48,10 @@ def decide(challenger: dict, champion: dict | None, params: PromoteParams) -> tu
     """
     checks: list[tuple[bool, str]] = []
     ba, recall, ece = challenger["balanced_accuracy"], challenger["high_risk_recall"], challenger["ece"]
+    auc = challenger["high_risk_roc_auc"]
+    checks.append(
+        (auc >= params.min_high_risk_auc, f"high-risk ROC-AUC {auc:.3f} vs floor {params.min_high_risk_auc:.3f}")
+    )
     checks.append(
         (ba >= params.min_balanced_accuracy, f"balanced accuracy {ba:.3f} vs floor {params.min_balanced_accuracy:.3f}")
     )
@@ -59,6 +63,14 @@ def decide(challenger: dict, champion: dict | None, params: PromoteParams) -> tu
     )
     checks.append((ece <= params.max_ece, f"calibration error {ece:.3f} vs bound {params.max_ece:.3f}"))
     if champion is not None:
+        auc_floor = champion["high_risk_roc_auc"] - params.max_high_risk_auc_drop
+        checks.append(
+            (
+                auc >= auc_floor,
+                f"high-risk ROC-AUC {auc:.3f} vs champion {champion['high_risk_roc_auc']:.3f} "
+                f"minus tolerance {params.max_high_risk_auc_drop:.3f}",
+            )
+        )
         floor = champion["balanced_accuracy"] - params.max_balanced_accuracy_drop
         checks.append(
             (
@@ -211,6 +223,7 @@ def registry_table(*, name: str = MODEL_NAME) -> pd.DataFrame:
                 "version": int(version.version),
                 "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
                 "created": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+                "high_risk_roc_auc": tags.get("high_risk_roc_auc", ""),
                 "balanced_accuracy": tags.get("balanced_accuracy", ""),
                 "high_risk_recall": tags.get("high_risk_recall", ""),
                 "ece": tags.get("ece", ""),

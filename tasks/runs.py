@@ -13,15 +13,6 @@ from pathlib import Path
 from tasks.errors import SkinriskError
 from tasks.params import Params
 
-HEADLINE_METRICS = (
-    "balanced_accuracy",
-    "high_risk_recall",
-    "specificity",
-    "low_risk_spared",
-    "ece",
-    "macro_f1",
-)
-
 
 def start_pipeline_run(params: Params, raw_dir: Path, reports_dir: Path, *, orchestrator: str, source: str) -> str:
     """Open the run: flattened params, git/DVC/data tags, validation and split reports."""
@@ -66,7 +57,7 @@ def run_id_of(model_dir: Path) -> str:
 
 def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir: Path, run_id: str):
     """Log the pyfunc to the run, register it as ``challenger`` and close the run."""
-    from tasks.evaluate import METRICS_FILE, OPERATING_POINT_FILE
+    from tasks.evaluate import METRICS_FILE, OPERATING_POINT_FILE, headline_figures
     from tasks.register import register_model
     from tasks.tracking import end_run
 
@@ -80,7 +71,8 @@ def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Pa
         Path(model_dir) / OPERATING_POINT_FILE,
         run_id,
         alias="challenger",
-        metrics={k: metrics[k] for k in HEADLINE_METRICS if isinstance(metrics.get(k), int | float)},
+        # the triage figures first (high-risk AUC, the operating point), tagged on the version
+        metrics={k: v for k, v in headline_figures(metrics).items() if isinstance(v, int | float)},
         out_file=Path(model_dir) / "registered.json",
     )
     end_run(run_id)

@@ -28,7 +28,6 @@ def tiny_train_params(**overrides):
         finetune_epochs=1,
         learning_rate=3e-3,
         finetune_learning_rate=1e-3,
-        smote=False,  # the head phase on the images themselves: tests of the random-init backbone
         augment=AugmentParams(rotation=0.05, zoom=0.05, brightness=0.05, contrast=0.05),
     )
     values.update(overrides)

@@ -410,3 +410,22 @@ def test_a_failed_plot_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> 
         plot_confusion_matrix(np.ones((2, 2)), NAMES, path)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_high_risk_auc_leads_with_its_interval_and_each_operating_point_is_reported():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 400)
+    p_high = np.clip(0.3 * (y == 2) + rng.uniform(0, 0.7, 400), 0, 1)
+    rest = (1 - p_high)[:, None] * np.array([0.7, 0.3])
+    probs = np.column_stack([rest, p_high])
+    figures = classification_figures(
+        y, probs, ["low", "moderate", "high"], threshold=0.5, operating_points={"a": 0.5, "b": 0.8}, n_resamples=200
+    )
+    assert figures["high_risk_roc_auc"] == pytest.approx(roc_auc_score(y == 2, p_high))
+    low, high = figures["high_risk_roc_auc_ci95"]
+    assert low < figures["high_risk_roc_auc"] < high
+    assert figures["high_risk_pr_auc"] == pytest.approx(average_precision_score(y == 2, p_high))
+    assert figures["operating_points"]["a"] == figures["triage"]
+    assert figures["operating_points"]["b"]["high_risk_recall"] < figures["operating_points"]["a"]["high_risk_recall"]

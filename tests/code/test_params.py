@@ -14,7 +14,10 @@ def test_project_params_file_parses_to_the_documented_defaults():
     assert params.preprocess.level_of()["mel"] == "high"
     assert params.preprocess.level_of()["bcc"] == "moderate"
     assert params.train.target == "risk"
-    assert params.train.smote and params.train.loss == "cross_entropy" and params.train.class_weights
+    assert params.train.loss == "cross_entropy" and params.train.class_weight_power == 0.5
+    assert params.train.monitor == "val_loss" and params.train.tta == "flips" and params.train.calibrate
+    assert params.train.finetune_from_block == 9 and params.train.aux_dx_weight == 0.5
+    assert params.evaluate.operating_recalls == [0.90, 0.95]
     assert params.evaluate.target_recall == 0.90
 
 

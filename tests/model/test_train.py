@@ -24,7 +24,9 @@ def test_training_writes_model_history_and_info(trained):
     history = pd.read_csv(result.history_path)
     assert history["epoch"].tolist() == list(range(1, len(history) + 1))
     assert set(history["phase"]) == {"head", "finetune"}
-    assert {"loss", "val_loss", "val_balanced_accuracy", "val_high_risk_recall"} <= set(history.columns)
+    assert {"loss", "val_loss", "val_balanced_accuracy", "val_high_risk_auc", "val_high_risk_recall"} <= set(
+        history.columns
+    )
     assert json.loads((out / "models" / "train.json").read_text())["epochs_run"] == len(history)
     assert not (out / "models" / "checkpoints").exists(), "checkpoints are removed after success"
 
@@ -35,6 +37,10 @@ def test_trained_model_beats_the_majority_class_on_balanced_accuracy(trained):
     assert metrics["balanced_accuracy"] > 0.5, metrics["balanced_accuracy"]
     assert metrics["balanced_accuracy_ci95"][0] > 1 / 3
     assert metrics["roc_auc_ovr"] > 0.7, metrics["roc_auc_ovr"]
+    assert metrics["high_risk_roc_auc"] > 0.7 and metrics["high_risk_roc_auc_ci95"][0] > 0.5, metrics[
+        "high_risk_roc_auc"
+    ]
+    assert set(metrics["operating_points"]) == {"recall_0.90", "recall_0.95"}
     for name in ("confusion_matrix.png", "reliability.png", "training_curves.png", "metrics.json", "predictions.csv"):
         assert (out / "reports" / name).exists(), name
     point = json.loads((out / "models" / "operating_point.json").read_text())
@@ -62,18 +68,35 @@ def test_diagnosis_target_sums_to_risk_levels(processed_dir, tmp_path):
     assert len(metrics["confusion_matrix"]) == 3
 
 
-def test_smote_head_phase_trains_and_is_kept_when_fine_tuning_never_beats_it(processed_dir, tmp_path, capsys):
+def test_head_phase_is_kept_when_fine_tuning_never_beats_it(processed_dir, tmp_path, capsys):
     from tasks.train import train
 
-    # Fine-tuning at a vanishing rate cannot beat the head phase: the whole model (backbone
-    # included) must fall back to the head phase's snapshot, which a SMOTE head phase fits alone.
-    params = tiny_train_params(smote=True, head_epochs=2, finetune_epochs=1, finetune_learning_rate=1e-12)
+    # Fine-tuning at a vanishing rate cannot beat the head phase on validation loss: the whole
+    # model must fall back to the head phase's snapshot.
+    params = tiny_train_params(
+        head_epochs=2, finetune_epochs=1, finetune_learning_rate=1e-12, finetune_schedule="constant"
+    )
     result = train(processed_dir, tmp_path / "models", tmp_path / "reports", params)
     history = pd.read_csv(result.history_path)
     assert history["phase"].tolist() == ["head", "head", "finetune"] and np.isfinite(history["val_loss"]).all()
     assert "keeping the head-phase weights" in capsys.readouterr().out
-    head_best = history.loc[history["phase"] == "head", "val_balanced_accuracy"].max()
-    assert result.best_val_balanced_accuracy == pytest.approx(head_best)
+    head_best = history.loc[history["phase"] == "head", "val_loss"].min()
+    assert result.monitor == "val_loss" and result.best_value == pytest.approx(head_best)
+
+
+def test_fine_tuning_follows_the_cosine_schedule_and_the_model_is_calibrated(trained):
+    from tasks.train import _cosine_schedule
+
+    out, result, metrics = trained
+    history = pd.read_csv(result.history_path)
+    rates = history.loc[history["phase"] == "finetune", "learning_rate"].to_numpy()
+    assert rates[0] == pytest.approx(1e-3), "fine-tuning starts at finetune_learning_rate"
+    schedule = _cosine_schedule(first_epoch=12, n_epochs=4, rate=1e-3).schedule
+    assert [round(schedule(e, 0.0), 7) for e in range(12, 16)] == [0.001, 0.0008536, 0.0005, 0.0001464]
+    info = json.loads((out / "models" / "train.json").read_text())
+    assert info["tta"] == "flips" and info["temperature"] == pytest.approx(metrics["calibration"]["temperature"])
+    # the temperature is fitted on validation: its log loss there can only go down
+    assert info["calibration"]["val_log_loss_after"] <= info["calibration"]["val_log_loss_before"] + 1e-9
 
 
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(processed_dir, tmp_path):
