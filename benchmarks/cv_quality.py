@@ -18,6 +18,7 @@ over the folds of:
 
     .venv/bin/python benchmarks/cv_quality.py --candidate default [--set train.KEY=VALUE ...]
         [--data ../shared/data/ham10000-200px] [--work /tmp/skinrisk-cv] [--folds 5]
+    .venv/bin/python benchmarks/cv_quality.py --candidate default-dihedral --rescore default --views dihedral
     .venv/bin/python benchmarks/cv_quality.py --table     # every candidate measured so far
 
 A fold already measured in WORK/<candidate>/ is not trained again (rerun to resume). The fold
@@ -176,7 +177,48 @@ def run_candidate(args: argparse.Namespace) -> None:
         figures = {**fold_figures(work / "reports", work / "models"), "minutes": (time.perf_counter() - started) / 60}
         done.write_text(json.dumps(figures, indent=2), encoding="utf-8")
         print(json.dumps(figures), flush=True)
-        shutil.rmtree(work / "models" / "checkpoints", ignore_errors=True)
+        shutil.rmtree(work / "models" / "checkpoints", ignore_errors=True)  # the saved model stays: --rescore
+
+
+def rescore_candidate(args: argparse.Namespace) -> None:
+    """Another candidate from a trained one without training again: its fold models' single view
+    wrapped in other test-time views (``--views``) and with or without a temperature fitted on
+    the inner validation part (``--no-temperature``), then evaluated as the pipeline does."""
+    from tasks.dataset import load_split
+    from tasks.evaluate import evaluate
+    from tasks.model import inference_model, load_model, single_view
+    from tasks.params import load_params
+    from tasks.train import fit_temperature, view_probabilities
+
+    params = load_params(args.params, args.set)
+    source, out = args.work / args.rescore, args.work / args.candidate
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "candidate.json").write_text(
+        json.dumps({"from": args.rescore, "views": args.views, "temperature": not args.no_temperature}, indent=2),
+        encoding="utf-8",
+    )
+    for fold in range(args.folds):
+        done, trained = out / f"fold-{fold}.json", source / f"fold-{fold}" / "models" / "model.keras"
+        if done.exists() or not trained.exists():
+            continue
+        processed = args.work / f"folds-{params.preprocess.image_size}" / f"fold-{fold}"
+        started = time.perf_counter()
+        base = single_view(load_model(trained))
+        val = load_split(processed, "val")
+        temperature = 1.0
+        if not args.no_temperature:
+            temperature = fit_temperature(view_probabilities(base, val, args.views), val.labels(params.train.target))
+        work = out / f"fold-{fold}"
+        (work / "models").mkdir(parents=True, exist_ok=True)
+        inference_model(base, args.views, temperature).save(work / "models" / "model.keras")
+        evaluate(work / "models" / "model.keras", processed, work / "reports", work / "models", params.evaluate)
+        figures = {
+            **fold_figures(work / "reports", work / "models"),
+            "minutes": json.loads((source / f"fold-{fold}.json").read_text(encoding="utf-8"))["minutes"],
+            "rescore_minutes": (time.perf_counter() - started) / 60,
+        }
+        done.write_text(json.dumps(figures, indent=2), encoding="utf-8")
+        print(json.dumps(figures), flush=True)
 
 
 def table(work: Path) -> str:
@@ -207,11 +249,17 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     parser.add_argument("--table", action="store_true", help="only print the table of what WORK holds")
+    parser.add_argument("--rescore", metavar="TRAINED", help="re-score the fold models of candidate TRAINED")
+    parser.add_argument("--views", default="flips", choices=["none", "flips", "dihedral"], help="with --rescore")
+    parser.add_argument("--no-temperature", action="store_true", help="with --rescore: temperature 1")
     args = parser.parse_args()
     if not args.table:
         if not args.candidate:
             parser.error("--candidate NAME is needed (or --table)")
-        run_candidate(args)
+        if args.rescore:
+            rescore_candidate(args)
+        else:
+            run_candidate(args)
     print(table(args.work))
 
 

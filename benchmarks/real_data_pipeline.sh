@@ -22,6 +22,7 @@ import json
 from tasks.evaluate import format_headline
 metrics = json.load(open("reports/metrics.json"))
 print(format_headline(metrics))
+print("training:", {k: v for k, v in json.load(open("models/train.json")).items() if k not in ("class_names",)})
 print(open("reports/classification_report.txt").read())
 print(json.load(open("reports/preprocess.json")))
 PY
