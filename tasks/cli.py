@@ -303,6 +303,11 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     metrics = json.loads((paths.REPORTS_DIR / "metrics.json").read_text())
     print(f"\nskinrisk pipeline done on the {result['data']} data; MLflow run {result['run_id']}")
     print(format_headline(metrics))
+    if result["data"] == "synthetic":
+        print(
+            "  (the synthetic sample has a planted, easy class signal: these figures show that the pipeline\n"
+            "   works, not how good the model is on real lesions; import HAM10000 for those)"
+        )
     print(f"model registered as {result['model_uri']} (alias @challenger)")
     print(f"reports: {paths.REPORTS_DIR}/ (metrics.json, confusion_matrix.png, reliability.png, training_curves.png)")
     print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}")
