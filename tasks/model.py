@@ -23,6 +23,34 @@ BASE_MODEL = "skinrisk"  # the single-view model inside the saved inference mode
 _IMAGENET_SIZES = (96, 128, 160, 192, 224)
 
 
+# The no-top MobileNetV2 ImageNet weights (alpha 1.0) travel with the project, so `weights:
+# imagenet` means the same file on every machine, online or not (tasks/weights/README.md: source,
+# licence). Convolution weights do not depend on the input size: one file serves every size.
+BUNDLED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "mobilenet_v2_1.0_no_top.h5"
+BUNDLED_WEIGHTS_SHA256 = "71e4c4ec4aa24c9c951b9265d6de42e1336dcf614c2214fa6a989208615e232c"
+BUNDLED_ALPHA = 1.0
+
+
+def bundled_weights() -> Path:
+    """The bundled weights file, verified against its sha256; a clear error if missing or altered."""
+    import hashlib
+
+    path = BUNDLED_WEIGHTS
+    fix = "restore it from the repository (`git checkout -- tasks/weights`) or reinstall skinrisk"
+    if not path.is_file():
+        raise SkinriskError(
+            f"the bundled MobileNetV2 ImageNet weights {path} are missing (expected sha256 "
+            f"{BUNDLED_WEIGHTS_SHA256}): {fix}"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != BUNDLED_WEIGHTS_SHA256:
+        raise SkinriskError(
+            f"the bundled MobileNetV2 ImageNet weights {path} are corrupt: sha256 {digest}, expected "
+            f"{BUNDLED_WEIGHTS_SHA256}; {fix}"
+        )
+    return path
+
+
 def imagenet_weights_file(alpha: float, image_size: int) -> Path:
     """Where Keras keeps (or would download) the no-top ImageNet weights for this shape."""
     rows = image_size if image_size in _IMAGENET_SIZES else 224
@@ -42,7 +70,9 @@ def _backbone(image_input, params: TrainParams, image_size: int) -> keras.Model:
             weights=None,
             alpha=params.alpha,
         )
-    if weights == "imagenet":
+    if weights == "imagenet" and params.alpha == BUNDLED_ALPHA:
+        return _load_backbone_weights(image_input, shape, params.alpha, bundled_weights())
+    if weights == "imagenet":  # other widths: Keras' cache, or its download
         cached = imagenet_weights_file(params.alpha, image_size)
         if cached.exists():  # read KERAS_HOME now: Keras itself reads it only once, at import
             return _load_backbone_weights(image_input, shape, params.alpha, cached)

@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 
+from tasks import model as model_module
 from tasks.errors import SkinriskError
 from tasks.model import LAST_CONV_LAYER, build_model, imagenet_weights_file, set_finetune
 from tests.support import IMAGENET_CACHE, tiny_train_params
@@ -45,6 +46,7 @@ def test_a_few_steps_lower_the_loss_on_tiny_data():
 
 
 def test_unavailable_imagenet_weights_say_how_to_fix_it(tmp_path, monkeypatch):
+    # alpha 0.35 is not bundled: Keras would download it, and offline it cannot
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     from keras.src.utils import file_utils
 
@@ -53,10 +55,10 @@ def test_unavailable_imagenet_weights_say_how_to_fix_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(file_utils, "get_file", offline)
     with pytest.raises(SkinriskError) as error:
-        build_model(128, 20, 3, tiny_train_params(weights="imagenet", alpha=1.0))
+        build_model(128, 20, 3, tiny_train_params(weights="imagenet", alpha=0.35))
     message = str(error.value)
     assert "KERAS_HOME" in message and "train.weights=none" in message
-    assert str(imagenet_weights_file(1.0, 128)) in message
+    assert str(imagenet_weights_file(0.35, 128)) in message
 
 
 def test_missing_weights_file_is_refused(tmp_path):
@@ -64,13 +66,36 @@ def test_missing_weights_file_is_refused(tmp_path):
         build_model(32, 20, 3, tiny_train_params(weights=str(tmp_path / "nope.h5")))
 
 
-def test_imagenet_weights_load_from_the_offline_cache(monkeypatch):
-    if not (IMAGENET_CACHE / "models").is_dir():
-        pytest.skip(f"no offline Keras cache at {IMAGENET_CACHE}")
-    monkeypatch.setenv("KERAS_HOME", str(IMAGENET_CACHE))
+def test_imagenet_weights_come_with_the_project_and_need_no_cache_or_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))  # an empty Keras cache
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise AssertionError("no download may be tried for the bundled weights")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
     model = build_model(128, 20, 3, tiny_train_params(weights="imagenet", alpha=1.0))
     assert not model.get_layer("block_16_project").trainable, "pretrained backbone frozen for the head phase"
     random = build_model(128, 20, 3, tiny_train_params(weights="none", alpha=1.0))
     pretrained = model.get_layer("Conv1").get_weights()[0]
     assert not np.allclose(pretrained, random.get_layer("Conv1").get_weights()[0])
     assert np.abs(pretrained).max() < 50  # trained filters, not an init artefact
+    # the same weights at another input size (convolutions do not depend on it)
+    other = build_model(96, 20, 3, tiny_train_params(weights="imagenet", alpha=1.0))
+    np.testing.assert_array_equal(other.get_layer("Conv1").get_weights()[0], pretrained)
+    if (IMAGENET_CACHE / "models").is_dir():  # the team machines' Keras cache holds the same file
+        cached = IMAGENET_CACHE / "models" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_128_no_top.h5"
+        assert cached.read_bytes() == model_module.BUNDLED_WEIGHTS.read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_missing_or_corrupt_bundled_weights_name_the_file_the_hash_and_the_fix(tmp_path, monkeypatch, damage):
+    path = tmp_path / "mobilenet_v2_1.0_no_top.h5"
+    if damage == "corrupt":
+        path.write_bytes(model_module.BUNDLED_WEIGHTS.read_bytes()[:-10] + b"0123456789")
+    monkeypatch.setattr(model_module, "BUNDLED_WEIGHTS", path)
+    with pytest.raises(SkinriskError) as error:
+        build_model(128, 20, 3, tiny_train_params(weights="imagenet", alpha=1.0))
+    message = str(error.value)
+    assert str(path) in message and model_module.BUNDLED_WEIGHTS_SHA256 in message and "git checkout" in message
+    assert ("missing" if damage == "missing" else "corrupt") in message
