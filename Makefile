@@ -5,13 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Offline machines keep the MobileNetV2 ImageNet weights in a Keras cache beside the checkout
-# (../shared/weights/keras); elsewhere Keras downloads them to ~/.keras on first use.
-ifeq ($(origin KERAS_HOME), undefined)
-ifneq ($(wildcard ../shared/weights/keras/models),)
-export KERAS_HOME := $(abspath ../shared/weights/keras)
-endif
-endif
 export GX_ANALYTICS_ENABLED := False
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1

@@ -9,9 +9,6 @@ git clone -q "$root" "$work/skinrisk"
 cd "$work/skinrisk"
 ln -s "$root/.venv" .venv
 export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2 GX_ANALYTICS_ENABLED=False
-if [ -z "${KERAS_HOME:-}" ] && [ -d "$root/../shared/weights/keras/models" ]; then
-  export KERAS_HOME="$root/../shared/weights/keras"
-fi
 skinrisk data import "$data"
 start=$(date +%s)
 dvc repro
