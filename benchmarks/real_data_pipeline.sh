@@ -8,7 +8,8 @@ work=$(mktemp -d /tmp/skinrisk-real-XXXX)
 git clone -q "$root" "$work/skinrisk"
 cd "$work/skinrisk"
 ln -s "$root/.venv" .venv
-export PATH="$PWD/.venv/bin:$PATH" TF_CPP_MIN_LOG_LEVEL=2 GX_ANALYTICS_ENABLED=False
+# the clone's code, not the checkout the venv was installed from (editable)
+export PATH="$PWD/.venv/bin:$PATH" PYTHONPATH="$PWD" TF_CPP_MIN_LOG_LEVEL=2 GX_ANALYTICS_ENABLED=False
 skinrisk data import "$data"
 start=$(date +%s)
 dvc repro
