@@ -255,8 +255,13 @@ def cmd_registry_show(args: argparse.Namespace) -> None:
 def cmd_registry_promote(args: argparse.Namespace) -> None:
     from tasks.promote import promote
 
+    from tasks.atomic import write_json
+    from tasks.promote import decision_record
+
     decision = promote(Path(args.processed_dir), Path(args.raw_dir), _params(args).promote)
     print(decision.summary())
+    if args.out:
+        write_json(Path(args.out), decision_record(decision))
 
 
 def cmd_registry_rollback(args: argparse.Namespace) -> None:
@@ -293,11 +298,14 @@ def cmd_triage(args: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> None:
-    from flows.training import training_pipeline
+    from flows.retraining import retraining_flow
     from tasks.evaluate import format_headline
     from tasks.tracking import tracking_uri
 
-    result = training_pipeline(params_file=str(args.params), overrides=list(args.set or []))
+    # The training flow, then the promotion gate: the default path ends with an @champion when the
+    # model passes the gates, so the serving, triage and explain commands work as written.
+    both = retraining_flow(params_file=str(args.params), overrides=list(args.set or []))
+    result, decision = both["training"], both["promotion"]
     import json
 
     metrics = json.loads((paths.REPORTS_DIR / "metrics.json").read_text())
@@ -309,6 +317,11 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
             "   works, not how good the model is on real lesions; import HAM10000 for those)"
         )
     print(f"model registered as {result['model_uri']} (alias @challenger)")
+    if decision["promoted"]:
+        print(f"promotion gates passed: version {decision['challenger_version']} is models:/skinrisk@champion")
+    else:
+        print("promotion gates not passed; @champion unchanged:")
+        print("\n".join(f"  {reason}" for reason in decision["reasons"] if reason.startswith("FAIL")))
     print(f"reports: {paths.REPORTS_DIR}/ (metrics.json, confusion_matrix.png, reliability.png, training_curves.png)")
     print(f"open the MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}")
 
@@ -497,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     promote.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
     promote.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
+    promote.add_argument(
+        "--out", help="also write the decision as JSON to this file (dvc.yaml: reports/promotion.json)"
+    )
     add("rollback", cmd_registry_rollback, "point @champion back at @previous", registry_commands)
 
     triage_cmd = add("triage", cmd_triage, "rank a batch of new cases by risk, with the recommended action")
