@@ -253,10 +253,8 @@ def cmd_registry_show(args: argparse.Namespace) -> None:
 
 
 def cmd_registry_promote(args: argparse.Namespace) -> None:
-    from tasks.promote import promote
-
     from tasks.atomic import write_json
-    from tasks.promote import decision_record
+    from tasks.promote import decision_record, promote
 
     decision = promote(Path(args.processed_dir), Path(args.raw_dir), _params(args).promote)
     print(decision.summary())
