@@ -266,10 +266,11 @@ def view_probabilities(base, split: SplitArrays, views: str, batch_size: int = 6
     stacked = keras.Model([image, clinical], base([TestTimeViews(views)(image), RepeatViews(n_views)(clinical)]))
     blocks = []
     for s in range(0, len(split), batch_size):
-        probs = stacked.predict(
-            [normalize_for_mobilenet(split.images[s : s + batch_size]), split.clinical[s : s + batch_size]], verbose=0
-        )
-        blocks.append(probs.reshape(n_views, -1, probs.shape[-1]))
+        images, clinical = split.images[s : s + batch_size], split.clinical[s : s + batch_size]
+        # One predict batch per chunk: predict's own batching would interleave the views of
+        # different batches, and the reshape below would pair views of different images.
+        probs = stacked.predict([normalize_for_mobilenet(images), clinical], batch_size=len(images), verbose=0)
+        blocks.append(probs.reshape(n_views, len(images), probs.shape[-1]))
     return np.concatenate(blocks, axis=1)
 
 

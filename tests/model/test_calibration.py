@@ -188,3 +188,28 @@ def test_the_pyfunc_and_evaluate_give_the_same_calibrated_probabilities(saved, t
     images = np.stack([load_image(base64.b64decode(text), IMAGE_SIZE) for text in frame["image"]])
     clinical = encoder.transform(frame[["age", "sex", "localization"]])
     np.testing.assert_allclose(served_probs, predict_risk(bundle, images, clinical), atol=1e-5)
+
+
+def test_the_views_the_temperature_is_fitted_on_are_the_saved_models(base):
+    from tasks.dataset import SplitArrays
+    from tasks.train import view_probabilities
+
+    # more cases than one predict batch (32) and than one chunk, an uneven last chunk
+    rng = np.random.default_rng(5)
+    n = 150
+    split = SplitArrays(
+        images=rng.integers(0, 256, (n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
+        clinical=rng.normal(size=(n, N_CLINICAL)).astype(np.float32),
+        risk=rng.integers(0, 3, n),
+        dx=rng.integers(0, 7, n),
+        image_id=np.array([f"ISIC_{i}" for i in range(n)]),
+    )
+    views = view_probabilities(base, split, "flips", batch_size=64)
+    assert views.shape == (4, n, 3)
+    from tasks.images import normalize_for_mobilenet
+
+    pixels = normalize_for_mobilenet(split.images)
+    np.testing.assert_allclose(views[0], base.predict([pixels, split.clinical], verbose=0), atol=1e-5)
+    np.testing.assert_allclose(views[1], base.predict([pixels[:, :, ::-1], split.clinical], verbose=0), atol=1e-5)
+    saved = inference_model(base, "flips", 0.7).predict([pixels, split.clinical], verbose=0)
+    np.testing.assert_allclose(calibrated(views, 0.7), saved, atol=1e-5)
