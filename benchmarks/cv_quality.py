@@ -221,22 +221,26 @@ def rescore_candidate(args: argparse.Namespace) -> None:
         print(json.dumps(figures), flush=True)
 
 
-def table(work: Path) -> str:
+def table(work: Path, markdown: bool = False) -> str:
     """Mean ± standard deviation over folds, one row per candidate measured in ``work``."""
-    header = f"{'candidate':<24}{'folds':>6}" + "".join(f"{label:>17}" for _, label in FIGURES) + f"{'min/fold':>10}"
-    rows = [header]
+    labels = ["candidate", "folds", *(label for _, label in FIGURES), "train min/fold"]
+    rows = []
     for candidate in sorted(p for p in work.iterdir() if (p / "candidate.json").exists()):
         results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(candidate.glob("fold-*.json"))]
         if not results:
             continue
-        cells = []
+        cells = [candidate.name, str(len(results))]
         for key, _ in FIGURES:
             values = [r[key] for r in results]
             spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-            cells.append(f"{statistics.mean(values):>10.3f} ±{spread:.3f}")
-        minutes = statistics.mean(r["minutes"] for r in results)
-        rows.append(f"{candidate.name:<24}{len(results):>6}" + "".join(cells) + f"{minutes:>10.1f}")
-    return "\n".join(rows)
+            cells.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+        cells.append(f"{statistics.mean(r['minutes'] for r in results):.1f}")
+        rows.append(cells)
+    if markdown:
+        lines = ["| " + " | ".join(labels) + " |", "|" + "---|" * len(labels)]
+        return "\n".join([*lines, *("| " + " | ".join(cells) + " |" for cells in rows)])
+    widths = [max(len(row[i]) for row in [labels, *rows]) + 2 for i in range(len(labels))]
+    return "\n".join("".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in [labels, *rows])
 
 
 def main() -> None:
@@ -249,6 +253,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="fold assignment seed")
     parser.add_argument("--table", action="store_true", help="only print the table of what WORK holds")
+    parser.add_argument("--markdown", action="store_true", help="the table in Markdown")
     parser.add_argument("--rescore", metavar="TRAINED", help="re-score the fold models of candidate TRAINED")
     parser.add_argument("--views", default="flips", choices=["none", "flips", "dihedral"], help="with --rescore")
     parser.add_argument("--no-temperature", action="store_true", help="with --rescore: temperature 1")
@@ -260,7 +265,7 @@ def main() -> None:
             rescore_candidate(args)
         else:
             run_candidate(args)
-    print(table(args.work))
+    print(table(args.work, markdown=args.markdown))
 
 
 if __name__ == "__main__":
