@@ -64,7 +64,7 @@ def test_deployments_register_with_schedules_and_a_triggered_retraining_complete
 
     params = tiny_params_file(tmp_path / "params.yaml")
     promote = yaml.safe_load(params.read_text())
-    promote["promote"].update(min_balanced_accuracy=0.0, min_high_risk_recall=0.0, max_ece=1.0)
+    promote["promote"].update(min_high_risk_auc=0.0, min_balanced_accuracy=0.0, min_high_risk_recall=0.0, max_ece=1.0)
     params.write_text(yaml.safe_dump(promote, sort_keys=False))
     work = tmp_path / "work"
     parameters = {

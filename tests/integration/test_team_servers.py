@@ -92,7 +92,7 @@ def test_training_then_promotion_against_team_servers_on_postgres(team_servers, 
 
     params = tiny_params_file(tmp_path / "params.yaml")
     values = yaml.safe_load(params.read_text())
-    values["promote"].update(min_balanced_accuracy=0.0, min_high_risk_recall=0.0, max_ece=1.0)
+    values["promote"].update(min_high_risk_auc=0.0, min_balanced_accuracy=0.0, min_high_risk_recall=0.0, max_ece=1.0)
     params.write_text(yaml.safe_dump(values, sort_keys=False))
     work = tmp_path / "work"
     work.mkdir()
