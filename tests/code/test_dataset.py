@@ -37,9 +37,28 @@ def test_training_batches_are_augmented_within_range(val):
 
 
 def test_no_augmentation_when_disabled(val):
-    off = AugmentParams(flip=False, rotation=0, zoom=0, brightness=0, contrast=0)
+    off = AugmentParams(flip=False, rot90=False, rotation=0, zoom=0, brightness=0, contrast=0)
     dataset = make_dataset(val, val.risk, batch_size=len(val), training=True, augment=off, seed=3)
     images, _, _ = _first_batch(dataset)
     plain = normalize_for_mobilenet(val.images)
     order = [int(np.argmin(np.abs(plain - image).sum(axis=(1, 2, 3)))) for image in images]
     np.testing.assert_allclose(images, plain[order], atol=1e-6)
+
+
+def test_quarter_turns_transpose_about_half_the_images_and_change_nothing_else(val):
+    only = AugmentParams(flip=False, rot90=True, rotation=0, zoom=0, brightness=0, contrast=0)
+    dataset = make_dataset(val, val.risk, batch_size=len(val), training=True, augment=only, seed=3)
+    images, _, _ = _first_batch(dataset)
+    plain = normalize_for_mobilenet(val.images)
+    transposed = np.transpose(plain, (0, 2, 1, 3))
+    kinds = []
+    for image in images:
+        if (np.abs(plain - image) < 1e-6).all(axis=(1, 2, 3)).any():
+            kinds.append("as is")
+        elif (np.abs(transposed - image) < 1e-6).all(axis=(1, 2, 3)).any():
+            kinds.append("transposed")
+        else:
+            kinds.append("other")
+    assert "other" not in kinds
+    share = kinds.count("transposed") / len(kinds)
+    assert 0.25 < share < 0.75, share
