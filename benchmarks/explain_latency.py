@@ -35,11 +35,13 @@ from tasks.synth import IMAGES_PART_1, IMAGES_PART_2, synthesize_ham10000
 
 
 def untrained_bundle(image_size: int) -> Bundle:
-    """A default-size model with random weights and a plausible encoder (HAM10000 ages)."""
-    from tasks.model import build_model
+    """A default-size model with random weights and a plausible encoder (HAM10000 ages), saved as
+    the train stage saves it: inside its four test-time views and a temperature."""
+    from tasks.model import build_model, inference_model
 
     encoder = ClinicalEncoder(age_mean=51.9, age_std=16.9, age_fill=50.0, missing_policy="drop")
-    model = build_model(image_size, encoder.n_features, len(RISK_LEVELS), TrainParams(weights="none", alpha=1.0))
+    base = build_model(image_size, encoder.n_features, len(RISK_LEVELS), TrainParams(weights="none", alpha=1.0))
+    model = inference_model(base, "flips", 0.9)
     summary = {"image_size": image_size, "diagnoses": list(DIAGNOSES), "risk_map": PreprocessParams().risk_map}
     operating_point = {"target": "risk", "threshold": 0.2, "target_recall": 0.9}
     return Bundle(model=model, encoder=encoder, summary=summary, operating_point=operating_point)
