@@ -104,6 +104,9 @@ class TrainParams(_Section):
     finetune_schedule: Literal["cosine", "constant"] = Field(
         "cosine", description="cosine: the rate decays per epoch to 0 over finetune_epochs"
     )
+    finetune_warmup_epochs: int = Field(
+        1, ge=0, description="epochs over which fine-tuning's rate rises linearly, batch by batch, from 0"
+    )
     loss: Literal["cross_entropy", "focal"] = "cross_entropy"
     focal_gamma: float = Field(2.0, ge=0)
     class_weight_power: float = Field(

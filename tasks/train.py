@@ -240,17 +240,43 @@ def _compile(model, learning_rate: float, params: TrainParams, n_classes: int) -
             model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
 
 
-def _cosine_schedule(first_epoch: int, n_epochs: int, rate: float):
-    """A Keras ``LearningRateScheduler`` decaying ``rate`` to 0 over the phase, by global epoch
-    (so a resumed run continues the same schedule)."""
+def _finetune_schedule(first_epoch: int, params: TrainParams, batches_per_epoch: int) -> list:
+    """Keras callbacks setting fine-tuning's rate: per epoch (cosine-decayed to 0 over the phase,
+    or constant) and, over the first ``finetune_warmup_epochs``, a linear warm-up per batch.
+
+    The warm-up keeps a fresh Adam from tearing the pretrained blocks apart in its first steps: on
+    the real sample at 3e-4 without it, fine-tuning from block 9 once jumped from training loss
+    1.01 to 1.41 in its first epoch and never recovered (validation high-risk AUC 0.83 -> 0.66).
+    Both are keyed on the global epoch, so a resumed run continues the same schedule.
+    """
     import math
 
     import keras
 
-    def schedule(epoch: int, _current: float) -> float:
+    rate, n_epochs, warmup = params.finetune_learning_rate, params.finetune_epochs, params.finetune_warmup_epochs
+
+    def epoch_rate(epoch: int) -> float:
+        if params.finetune_schedule == "constant":
+            return rate
         return rate * 0.5 * (1 + math.cos(math.pi * (epoch - first_epoch) / n_epochs))
 
-    return keras.callbacks.LearningRateScheduler(schedule)
+    class FinetuneRate(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs=None) -> None:
+            self.epoch = epoch
+            self.model.optimizer.learning_rate = epoch_rate(epoch)
+
+        def on_train_batch_begin(self, batch: int, logs=None) -> None:
+            done = self.epoch - first_epoch
+            if done < warmup:
+                share = (done * batches_per_epoch + batch + 1) / (warmup * batches_per_epoch)
+                self.model.optimizer.learning_rate = epoch_rate(self.epoch) * share
+
+        def on_epoch_end(self, epoch: int, logs=None) -> None:
+            self.model.optimizer.learning_rate = epoch_rate(epoch)  # what the history records
+
+    callback = FinetuneRate()
+    callback.epoch_rate = epoch_rate
+    return [callback]
 
 
 def view_probabilities(base, split: SplitArrays, views: str, batch_size: int = 64) -> np.ndarray:
@@ -414,12 +440,10 @@ def train(
     if params.finetune_epochs:
         set_finetune(model, params.finetune_from_block)
         _compile(model, params.finetune_learning_rate, params, n_classes)
-        schedule = (
-            [_cosine_schedule(head_last, params.finetune_epochs, params.finetune_learning_rate)]
-            if params.finetune_schedule == "cosine"
-            else []
+        batches = steps or -(-len(train_split) // params.batch_size)
+        run_phase(
+            "finetune", train_data(), head_last, params.finetune_epochs, _finetune_schedule(head_last, params, batches)
         )
-        run_phase("finetune", train_data(), head_last, params.finetune_epochs, schedule)
         head, finetune = checkpoints.state("head"), checkpoints.state("finetune")
         if head and finetune and not _improved(params.monitor, finetune["best"], head["best"]):
             # Fine-tuning never beat the head phase on validation: keep the better model.

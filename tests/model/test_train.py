@@ -85,14 +85,32 @@ def test_head_phase_is_kept_when_fine_tuning_never_beats_it(processed_dir, tmp_p
 
 
 def test_fine_tuning_follows_the_cosine_schedule_and_the_model_is_calibrated(trained):
-    from tasks.train import _cosine_schedule
+    from tasks.train import _finetune_schedule
 
     out, result, metrics = trained
     history = pd.read_csv(result.history_path)
     rates = history.loc[history["phase"] == "finetune", "learning_rate"].to_numpy()
-    assert rates[0] == pytest.approx(1e-3), "fine-tuning starts at finetune_learning_rate"
-    schedule = _cosine_schedule(first_epoch=12, n_epochs=4, rate=1e-3).schedule
-    assert [round(schedule(e, 0.0), 7) for e in range(12, 16)] == [0.001, 0.0008536, 0.0005, 0.0001464]
+    assert rates[0] == pytest.approx(1e-3), "fine-tuning's first epoch ends at finetune_learning_rate"
+    params = tiny_train_params(finetune_epochs=4, finetune_learning_rate=1e-3, finetune_warmup_epochs=1)
+    (rate,) = _finetune_schedule(12, params, batches_per_epoch=10)
+    assert [round(rate.epoch_rate(e), 7) for e in range(12, 16)] == [0.001, 0.0008536, 0.0005, 0.0001464]
+
+    class Optimizer:
+        learning_rate = None
+
+    class Model:
+        optimizer = Optimizer()
+
+    rate.set_model(Model())
+    seen = []
+    for epoch in (12, 13):
+        rate.on_epoch_begin(epoch)
+        for batch in range(10):
+            rate.on_train_batch_begin(batch)
+            seen.append(Model.optimizer.learning_rate)
+    # a linear warm-up over the first epoch's batches, then the cosine value of each epoch
+    assert seen[:10] == pytest.approx([1e-4 * (b + 1) for b in range(10)])
+    assert seen[10:] == pytest.approx([0.0008536] * 10, abs=1e-7)
     info = json.loads((out / "models" / "train.json").read_text())
     assert info["tta"] == "flips" and info["temperature"] == pytest.approx(metrics["calibration"]["temperature"])
     # the temperature is fitted on validation: its log loss there can only go down
