@@ -7,6 +7,7 @@ The backbone is built on the outer model's image input (``input_tensor=``), so i
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import keras
@@ -185,9 +186,24 @@ def served_output(model: keras.Model) -> keras.Model:
     return _with_head(model, keras.Model(head.inputs, head.outputs[0], name="fusion_head"))
 
 
+_CALIBRATED_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def calibrated_single_view(model: keras.Model) -> keras.Model:
     """The single-view model with the saved model's temperature inside its fusion head: what SHAP
-    explains (the clinical variables' effect on the calibrated probabilities, image fixed)."""
+    explains (the clinical variables' effect on the calibrated probabilities, image fixed).
+
+    Built once per loaded model, so the explainers' traced functions are reused across cases.
+    """
+    if model in _CALIBRATED_VIEWS:
+        return _CALIBRATED_VIEWS[model]
+    calibrated = _calibrated_single_view(model)
+    if calibrated is not model:  # a value holding its key would keep it alive
+        _CALIBRATED_VIEWS[model] = calibrated
+    return calibrated
+
+
+def _calibrated_single_view(model: keras.Model) -> keras.Model:
     base = single_view(model)
     temperature = scoring_settings(model)["temperature"]
     if temperature == 1.0:
