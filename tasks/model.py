@@ -299,35 +299,32 @@ class TestTimeViews(layers.Layer):
         return {**super().get_config(), "views": self.views}
 
 
-@keras.saving.register_keras_serializable(package="skinrisk")
-class RepeatViews(layers.Layer):
-    """Clinical batch (B, F) -> repeated once per view, in the order of :class:`TestTimeViews`."""
+class _PerViewLayer(layers.Layer):
+    """A layer that knows how many test-time views are stacked on the batch axis."""
 
     def __init__(self, n_views: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)
         self.n_views = int(n_views)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "n_views": self.n_views}
+
+
+@keras.saving.register_keras_serializable(package="skinrisk")
+class RepeatViews(_PerViewLayer):
+    """Clinical batch (B, F) -> repeated once per view, in the order of :class:`TestTimeViews`."""
 
     def call(self, features):
         return keras.ops.tile(features, (self.n_views, 1))
 
-    def get_config(self) -> dict:
-        return {**super().get_config(), "n_views": self.n_views}
-
 
 @keras.saving.register_keras_serializable(package="skinrisk")
-class ViewMean(layers.Layer):
+class ViewMean(_PerViewLayer):
     """(V * B, K) probabilities -> their mean over the V views (B, K)."""
-
-    def __init__(self, n_views: int = 1, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.n_views = int(n_views)
 
     def call(self, probs):
         ops = keras.ops
         return ops.mean(ops.reshape(probs, (self.n_views, -1, ops.shape(probs)[-1])), axis=0)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "n_views": self.n_views}
 
 
 @keras.saving.register_keras_serializable(package="skinrisk")
@@ -351,16 +348,31 @@ class Temperature(layers.Layer):
         return {**super().get_config(), "temperature": self.temperature}
 
 
-def inference_model(base: keras.Model, views: str = "flips", temperature: float = 1.0) -> keras.Model:
-    """``base`` (single view) scored over its test-time views, each temperature-scaled, averaged."""
-    n_views = TTA_VIEWS[views]
+def _views_of(base: keras.Model, views: str):
+    """New ``image`` and ``clinical`` inputs and ``base``'s single-view probabilities of every
+    test-time view of them, stacked on the batch axis (V * B, K)."""
     image = keras.Input(base.inputs[0].shape[1:], name="image")
     clinical = keras.Input(base.inputs[1].shape[1:], name="clinical")
     probs = base(
-        [TestTimeViews(views, name="test_time_views")(image), RepeatViews(n_views, name="repeat_views")(clinical)]
+        [
+            TestTimeViews(views, name="test_time_views")(image),
+            RepeatViews(TTA_VIEWS[views], name="repeat_views")(clinical),
+        ]
     )
+    return image, clinical, probs
+
+
+def stacked_view_model(base: keras.Model, views: str) -> keras.Model:
+    """``base`` over every test-time view, not averaged: what the temperature is fitted on."""
+    image, clinical, probs = _views_of(base, views)
+    return keras.Model([image, clinical], probs)
+
+
+def inference_model(base: keras.Model, views: str = "flips", temperature: float = 1.0) -> keras.Model:
+    """``base`` (single view) scored over its test-time views, each temperature-scaled, averaged."""
+    image, clinical, probs = _views_of(base, views)
     probs = Temperature(temperature, name="temperature")(probs)
-    probs = ViewMean(n_views, name=OUTPUT_LAYER)(probs)
+    probs = ViewMean(TTA_VIEWS[views], name=OUTPUT_LAYER)(probs)
     return keras.Model([image, clinical], probs, name="skinrisk_inference")
 
 

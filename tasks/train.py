@@ -281,15 +281,11 @@ def _finetune_schedule(first_epoch: int, params: TrainParams, batches_per_epoch:
 
 def view_probabilities(base, split: SplitArrays, views: str, batch_size: int = 64) -> np.ndarray:
     """Single-view probabilities of ``base`` on every test-time view of ``split``: V x N x K."""
-    import keras
-
     from tasks.images import normalize_for_mobilenet
-    from tasks.model import TTA_VIEWS, RepeatViews, TestTimeViews
+    from tasks.model import TTA_VIEWS, stacked_view_model
 
     n_views = TTA_VIEWS[views]
-    image = keras.Input(base.inputs[0].shape[1:])
-    clinical = keras.Input(base.inputs[1].shape[1:])
-    stacked = keras.Model([image, clinical], base([TestTimeViews(views)(image), RepeatViews(n_views)(clinical)]))
+    stacked = stacked_view_model(base, views)
     blocks = []
     for s in range(0, len(split), batch_size):
         images, clinical = split.images[s : s + batch_size], split.clinical[s : s + batch_size]
