@@ -9,7 +9,6 @@ command: a spawned worker process re-imports this module as its main module, and
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -346,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Skin-cancer risk triage (low / moderate / high) from dermoscopic images and "
         "clinical metadata: data, training, evaluation and MLOps commands.",
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help=f"also show library INFO lines and full tracebacks on the console (always in {paths.LOG_FILE})",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Callable, help_text: str, parent=commands) -> argparse.ArgumentParser:
@@ -543,19 +548,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that never build a model: they skip TensorFlow's import (several seconds).
+_WITHOUT_TENSORFLOW = {
+    cmd_data_synth,
+    cmd_data_import,
+    cmd_data_ensure,
+    cmd_data_download,
+    cmd_validate,
+    cmd_preprocess,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
-    logging.getLogger("shap").setLevel(logging.WARNING)  # KernelExplainer logs its arrays per case
     args = build_parser().parse_args(argv)
+    from tasks import console
+
+    log_file = console.setup(verbose=args.verbose)
+    where = f" (full log: {log_file})" if log_file else ""
     try:
+        if args.handler not in _WITHOUT_TENSORFLOW:
+            console.import_tensorflow(log_file)
         args.handler(args)
     except SkinriskError as exc:
+        console.TRACEBACKS.error("error: %s", exc, exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: the traceback goes to the log (or the console with -v)
+        console.TRACEBACKS.error("unexpected error", exc_info=True)
+        print(f"error: unexpected {type(exc).__name__}: {exc}{where}; please report it with that log", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,3 +13,4 @@ PROCESSED_DIR = DATA_DIR / "processed"
 REPORTS_DIR = Path("reports")
 MODELS_DIR = Path("models")
 PARAMS_FILE = Path("params.yaml")
+LOG_FILE = Path("logs") / "skinrisk.log"  # every log record of the last command (the console shows few)

@@ -189,7 +189,12 @@ def _decode_in_memory(
     if shards:
         decode = partial(decode_shard, size=size)
         blocks = map_shards(
-            decode, [rows for _, rows in shards], executor=executor, workers=workers, dask_address=dask_address
+            decode,
+            [rows for _, rows in shards],
+            executor=executor,
+            workers=workers,
+            dask_address=dask_address,
+            desc="decode images",
         )
         for (start, _), block in zip(shards, blocks, strict=True):
             images[start : start + len(block)] = block
@@ -205,7 +210,7 @@ def _decode_into_file(
         np.save(out, _decode_in_memory(paths, size, workers, executor, dask_address))
         return
     fill = partial(decode_shard_into, size=size, out=str(out), offset=_create_images_file(out, len(paths), size))
-    map_shards(fill, _shards(paths, workers), executor=executor, workers=workers)
+    map_shards(fill, _shards(paths, workers), executor=executor, workers=workers, desc="decode images")
 
 
 class ImageDecoding:

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
@@ -35,6 +35,7 @@ CONNECT_TIMEOUT_S = 15
 
 Shard = TypeVar("Shard")
 Result = TypeVar("Result")
+T = TypeVar("T")
 
 
 def require_executor(executor: str) -> None:
@@ -81,13 +82,14 @@ def map_shards(
     executor: Executor = "processes",
     workers: int = 0,
     dask_address: str = "",
+    desc: str | None = None,
 ) -> list[Result]:
     """``fn(shard)`` for every shard, results in shard order.
 
     ``threads`` or ``processes`` with ``workers == 1`` runs them here, one after the other; with
     more, in a pool of threads or of spawned processes (0: one per core). ``dask`` runs them on a
     Dask cluster (see module docstring). ``fn`` must be importable by name (a module-level function
-    or a ``functools.partial`` of one).
+    or a ``functools.partial`` of one). ``desc`` names the progress bar drawn on a terminal.
     """
     require_executor(executor)
     if not shards:
@@ -98,11 +100,20 @@ def map_shards(
             return client.gather(client.map(fn, list(shards), pure=False))
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(shards) == 1:
-        return [fn(shard) for shard in shards]
+        return list(progress(map(fn, shards), desc, total=len(shards), unit="shard"))
     if executor == "threads":
         with ThreadPoolExecutor(max_workers=min(workers, len(shards)), thread_name_prefix="shard") as pool:
-            return list(pool.map(fn, shards))
+            return list(progress(pool.map(fn, shards), desc, total=len(shards), unit="shard"))
     # spawn, not fork: the caller may already have TensorFlow (and its threads) loaded.
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context) as pool:
-        return list(pool.map(fn, shards))
+        return list(progress(pool.map(fn, shards), desc, total=len(shards), unit="shard"))
+
+
+def progress(items: Iterable[T], desc: str | None, **tqdm_args) -> Iterable[T]:
+    """``items`` with a tqdm bar on a terminal (none in a log or under pytest), or as they are without ``desc``."""
+    if desc is None:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, disable=None, leave=False, **tqdm_args)

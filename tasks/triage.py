@@ -130,6 +130,7 @@ def triage(
         executor=executor,
         workers=workers,
         dask_address=dask_address,
+        desc="check cases",
     )
     images, ages, valid_rows, problems = [], [], [], []
     for index, image, age, reason in (case for shard in checked for case in shard):
@@ -151,7 +152,7 @@ def triage(
     threshold = float(bundle.operating_point["threshold"])
     for i, level in enumerate(RISK_LEVELS):
         valid[f"p_{level}"] = probs[:, i].round(4)
-    valid["risk_level"] = [RISK_LEVELS[i] for i in probs.argmax(axis=1)] if len(valid) else []
+    valid["risk_level"] = [RISK_LEVELS[i] for i in bundle.called_levels(probs)] if len(valid) else []
     valid["refer"] = valid["p_high"] >= threshold if len(valid) else []
     valid["action"] = [
         action_for(level, refer) for level, refer in zip(valid["risk_level"], valid["refer"], strict=True)

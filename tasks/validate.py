@@ -42,6 +42,7 @@ from tasks.schema import (
     SEXES,
     raw_image_path,
 )
+from tasks.shards import progress
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -185,9 +186,11 @@ def inspect_images(raw_dir: Path, image_ids: Sequence[str], workers: int = 0) ->
     chunk = max(_MIN_CHUNK, math.ceil(len(ids) / (workers * 4)))
     chunks = [ids[start : start + chunk] for start in range(0, len(ids), chunk)]
     if workers == 1 or len(chunks) <= 1:
-        return [record for block in chunks for record in _inspect_chunk(str(raw_dir), block)]
+        return [record for block in progress(chunks, "check images") for record in _inspect_chunk(str(raw_dir), block)]
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=get_context("spawn")) as pool:
-        blocks = pool.map(_inspect_chunk, [str(raw_dir)] * len(chunks), chunks)
+        blocks = progress(
+            pool.map(_inspect_chunk, [str(raw_dir)] * len(chunks), chunks), "check images", total=len(chunks)
+        )
         return [record for block in blocks for record in block]
 
 
