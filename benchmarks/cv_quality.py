@@ -11,7 +11,8 @@ held-out fold is scored once. The table gives the mean and the spread (standard 
 over the folds of:
 
 - high-risk (melanoma) ROC-AUC and PR-AUC (average precision), from calibrated P(high);
-- 3-level balanced accuracy (argmax);
+- 3-level balanced accuracy of the called levels (``tasks.decision``: the level most likely
+  relative to its training share), and of the plain argmax beside it;
 - high-risk recall, specificity and the share of low-risk lesions not referred at the operating
   point (``evaluate.target_recall``, the threshold chosen on the inner validation part);
 - expected calibration error (top label, 15 bins).
@@ -45,6 +46,7 @@ FIGURES = (
     ("high_risk_roc_auc", "high AUC"),
     ("high_risk_pr_auc", "high PR-AUC"),
     ("balanced_accuracy", "3-level BA"),
+    ("balanced_accuracy_argmax", "BA argmax"),
     ("high_risk_recall", "recall@op"),
     ("specificity", "specificity@op"),
     ("low_risk_spared", "low spared@op"),
@@ -114,11 +116,13 @@ def write_fold(base: Path, out: Path, cases, folds, fold: int, val_fraction: flo
     staging.rename(out)
 
 
-def fold_figures(reports: Path, models: Path) -> dict:
-    """The figures of one held-out fold, from what ``evaluate`` wrote (predictions, threshold)."""
+def fold_figures(reports: Path, models: Path, processed: Path) -> dict:
+    """The figures of one held-out fold, from what ``evaluate`` wrote (predictions, threshold) and
+    the fold's training shares (the 3-level decision, :mod:`tasks.decision`)."""
     import pandas as pd
     from sklearn.metrics import average_precision_score, roc_auc_score
 
+    from tasks.decision import called_levels, level_prior
     from tasks.metrics import _balanced_accuracy, expected_calibration_error, triage_figures
     from tasks.schema import RISK_LEVELS
 
@@ -127,11 +131,13 @@ def fold_figures(reports: Path, models: Path) -> dict:
     probs = predictions[[f"p_{level}" for level in RISK_LEVELS]].to_numpy()
     high = RISK_LEVELS.index("high")
     threshold = json.loads((models / "operating_point.json").read_text(encoding="utf-8"))["threshold"]
+    summary = json.loads((processed / "preprocess.json").read_text(encoding="utf-8"))
     triage = triage_figures(y, probs[:, high], threshold, high_index=high)
     return {
         "high_risk_roc_auc": float(roc_auc_score(y == high, probs[:, high])),
         "high_risk_pr_auc": float(average_precision_score(y == high, probs[:, high])),
-        "balanced_accuracy": _balanced_accuracy(y, probs.argmax(axis=1)),
+        "balanced_accuracy": _balanced_accuracy(y, called_levels(probs, level_prior(summary))),
+        "balanced_accuracy_argmax": _balanced_accuracy(y, probs.argmax(axis=1)),
         "high_risk_recall": triage["high_risk_recall"],
         "specificity": triage["specificity"],
         "low_risk_spared": triage["low_risk_spared"],
@@ -174,7 +180,11 @@ def run_candidate(args: argparse.Namespace) -> None:
         work = out / f"fold-{fold}"
         result = train(processed, work / "models", work / "reports", params.train)
         evaluate(Path(result.model_path), processed, work / "reports", work / "models", params.evaluate)
-        figures = {**fold_figures(work / "reports", work / "models"), "minutes": (time.perf_counter() - started) / 60}
+        figures = {
+            **fold_figures(work / "reports", work / "models", processed),
+            "minutes": (time.perf_counter() - started) / 60,
+            "processed": str(processed),
+        }
         done.write_text(json.dumps(figures, indent=2), encoding="utf-8")
         print(json.dumps(figures), flush=True)
         shutil.rmtree(work / "models" / "checkpoints", ignore_errors=True)  # the saved model stays: --rescore
@@ -213,7 +223,8 @@ def rescore_candidate(args: argparse.Namespace) -> None:
         inference_model(base, args.views, temperature).save(work / "models" / "model.keras")
         evaluate(work / "models" / "model.keras", processed, work / "reports", work / "models", params.evaluate)
         figures = {
-            **fold_figures(work / "reports", work / "models"),
+            **fold_figures(work / "reports", work / "models", processed),
+            "processed": str(processed),
             "minutes": json.loads((source / f"fold-{fold}.json").read_text(encoding="utf-8"))["minutes"],
             "rescore_minutes": (time.perf_counter() - started) / 60,
         }
@@ -221,12 +232,23 @@ def rescore_candidate(args: argparse.Namespace) -> None:
         print(json.dumps(figures), flush=True)
 
 
+def _fold_result(work: Path, done: Path) -> dict:
+    """A fold's figures, recomputed from its kept predictions where they are (so a fold measured
+    before a change to the figures is read with today's definitions)."""
+    result = json.loads(done.read_text(encoding="utf-8"))
+    fold_dir = done.with_suffix("")
+    processed = Path(result.get("processed", work / "folds-128" / fold_dir.name))
+    if (fold_dir / "reports" / "predictions.csv").exists() and (processed / "preprocess.json").exists():
+        result.update(fold_figures(fold_dir / "reports", fold_dir / "models", processed))
+    return result
+
+
 def table(work: Path, markdown: bool = False) -> str:
     """Mean ± standard deviation over folds, one row per candidate measured in ``work``."""
     labels = ["candidate", "folds", *(label for _, label in FIGURES), "train min/fold"]
     rows = []
     for candidate in sorted(p for p in work.iterdir() if (p / "candidate.json").exists()):
-        results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(candidate.glob("fold-*.json"))]
+        results = [_fold_result(work, p) for p in sorted(candidate.glob("fold-*.json"))]
         if not results:
             continue
         cells = [candidate.name, str(len(results))]

@@ -19,6 +19,7 @@ import pandas as pd
 from tasks.atomic import write_json, write_text
 from tasks.clinical import ClinicalEncoder
 from tasks.dataset import SplitArrays, load_split
+from tasks.decision import called_levels, level_prior
 from tasks.errors import SkinriskError
 from tasks.params import EvaluateParams
 from tasks.preprocess import CASES_FILE, ENCODER_FILE, SUMMARY_FILE, read_preprocess_summary
@@ -43,11 +44,21 @@ class Bundle:
     def target(self) -> str:
         return "risk" if self.model.output_shape[-1] == len(RISK_LEVELS) else "dx"
 
+    @property
+    def prior(self) -> np.ndarray | None:
+        """The training split's share of each risk level (see :mod:`tasks.decision`)."""
+        return level_prior(self.summary)
+
+    def called_levels(self, probs: np.ndarray) -> np.ndarray:
+        """The risk level called for each row of risk probabilities (:func:`tasks.decision.called_levels`)."""
+        return called_levels(probs, self.prior)
+
 
 def predict_risk(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """Risk-level probabilities (N x 3) for uint8 images and encoded clinical features."""
     from tasks.images import normalize_for_mobilenet
     from tasks.metrics import risk_probabilities
+    from tasks.shards import progress
 
     outputs = [
         bundle.model.predict(
@@ -57,7 +68,7 @@ def predict_risk(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch
             },
             verbose=0,
         )
-        for s in range(0, len(images), batch_size)
+        for s in progress(range(0, len(images), batch_size), "score", unit="batch")
     ]
     probs = np.concatenate(outputs) if outputs else np.zeros((0, bundle.model.output_shape[-1]))
     return risk_probabilities(probs, bundle.target, bundle.summary["diagnoses"], bundle.summary["risk_map"])
@@ -269,6 +280,7 @@ def evaluate(
         high_index=HIGH,
         n_resamples=params.bootstrap_resamples,
         seed=params.seed,
+        prior=bundle.prior,
     )
     uncalibrated = _uncalibrated(bundle)
     raw_probs = None
@@ -290,7 +302,7 @@ def evaluate(
         {
             "image_id": test.image_id,
             "actual": [RISK_LEVELS[i] for i in test.risk],
-            "predicted": [RISK_LEVELS[i] for i in test_probs.argmax(axis=1)],
+            "predicted": [RISK_LEVELS[i] for i in bundle.called_levels(test_probs)],
             **{f"p_{level}": test_probs[:, i] for i, level in enumerate(RISK_LEVELS)},
         }
     )
@@ -383,6 +395,7 @@ def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: Eval
         high_index=HIGH,
         n_resamples=params.bootstrap_resamples,
         seed=params.seed,
+        prior=bundle.prior,
     )
     metrics = json_safe({**metrics, "n_images": len(frame), "source": str(source)})
     write_json(Path(out_file), metrics)

@@ -46,6 +46,7 @@ from tasks.errors import DataError, SkinriskError
 from tasks.model import LAST_CONV_LAYER, POOLED_LAYER
 from tasks.params import ExplainParams
 from tasks.schema import RISK_LEVELS
+from tasks.shards import progress
 
 SHAP_VARIABLES: tuple[str, ...] = ("age", "sex", "localization")
 MISSING_AGE_CODE = -1.0  # an unknown age in SHAP's numeric space (ages are 0-100)
@@ -704,17 +705,16 @@ def plot_shap_summary(table: pd.DataFrame, path: Path) -> None:
 
 
 def select_cases(
-    y_true: np.ndarray, probs: np.ndarray, cases_per_level: int, confidently_wrong: int
+    y_true: np.ndarray, probs: np.ndarray, predicted: np.ndarray, cases_per_level: int, confidently_wrong: int
 ) -> list[tuple[int, str]]:
-    """(index, reason) of the cases to show, in order.
+    """(index, reason) of the cases to show, in order, given the called levels ``predicted``.
 
     Per true level, its most confident correct predictions (``correct``), topped up with the
     level's other cases by P(true level) where too few are correct (``top_up``); then the most
     confident wrong predictions not already chosen (``confidently_wrong``).
     """
-    y_true = np.asarray(y_true)
-    predicted = probs.argmax(axis=1)
-    confidence = probs.max(axis=1)
+    y_true, predicted = np.asarray(y_true), np.asarray(predicted)
+    confidence = probs[np.arange(len(predicted)), predicted]
     chosen: list[tuple[int, str]] = []
     for level in range(len(RISK_LEVELS)):
         members = np.flatnonzero(y_true == level)
@@ -767,7 +767,7 @@ def explain_test_cases(
     cases = pd.read_csv(processed_dir / CASES_FILE, keep_default_na=False, na_values={"age": [""]})
     raw_test = cases.set_index("image_id").loc[test.image_id, list(SHAP_VARIABLES)].reset_index(drop=True)
     probs = predict_risk(bundle, test.images, test.clinical)
-    predicted = probs.argmax(axis=1)
+    predicted = bundle.called_levels(probs)
     assignment = bundle_assignment(bundle)
     # Grad-CAM on the single view (the map is the same at any temperature); SHAP on the calibrated
     # single view; the probabilities shown are the saved model's (every view, calibrated).
@@ -793,7 +793,7 @@ def explain_test_cases(
     rng = np.random.default_rng(params.seed)
     summary_indices = np.sort(rng.choice(len(test), size=min(params.shap_cases, len(test)), replace=False))
     shap_rows = []
-    for i in summary_indices:
+    for i in progress(summary_indices, "SHAP", unit="case"):
         result = shap_of(int(i))
         raw = raw_test.iloc[int(i)]
         shap_rows.append(
@@ -811,7 +811,7 @@ def explain_test_cases(
         )
     shap_table = pd.DataFrame(shap_rows)
 
-    chosen = select_cases(test.risk, probs, params.cases_per_level, params.confidently_wrong)
+    chosen = select_cases(test.risk, probs, predicted, params.cases_per_level, params.confidently_wrong)
     explained: list[dict] = []
     views: list[CaseView] = []
     with atomic_directory(out_dir) as staging:
@@ -934,7 +934,7 @@ def explain_case(
     # The probabilities are the saved model's (every test-time view, calibrated), as served;
     # Grad-CAM explains the predicted level on the single view, SHAP its calibrated probability.
     probabilities = predict_risk(bundle, pixels[None], clinical[None])[0]
-    predicted = int(np.argmax(probabilities))
+    predicted = int(bundle.called_levels(probabilities[None])[0])
     cam = risk_level_gradcam(single_view(bundle.model), normalized, clinical, assignment, level_index=predicted)
     level = RISK_LEVELS[predicted]
     if background is None:

@@ -33,6 +33,7 @@ from sklearn.metrics import (
 )
 
 from tasks.atomic import atomic_path
+from tasks.decision import called_levels
 from tasks.schema import RISK_LEVELS, risk_level_of
 
 PLOT_DPI = 120
@@ -372,15 +373,17 @@ def classification_figures(
     low_index: int = 0,
     n_resamples: int = 1000,
     seed: int = 0,
+    prior: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All evaluation figures as one JSON-serialisable dict (plain floats, ints, lists, dicts).
 
-    Predictions are the argmax of ``probs``. Keys: ``n_cases``, ``accuracy``, ``loss`` (log
+    The called classes are :func:`tasks.decision.called_levels` of ``probs`` and the training
+    ``prior`` (the plain argmax without one). Keys: ``n_cases``, ``accuracy``, ``loss`` (log
     loss), ``balanced_accuracy`` and its ``balanced_accuracy_ci95`` (cluster bootstrap over
     ``groups`` when given), ``macro_f1`` (over the classes present in ``y_true`` or the
     predictions), ``per_class`` (precision, recall, f1, support by class name), ``confusion_matrix``
     (rows true, columns predicted), ``roc_auc_ovr`` (macro one-vs-rest) and ``roc_auc_per_class``,
-    ``ece``, ``high_risk_recall`` (argmax). A class absent from ``y_true`` (or making up all of
+    ``ece``, ``high_risk_recall`` (of the called classes). A class absent from ``y_true`` (or making up all of
     it) has no defined AUC and is left out of ``roc_auc_per_class`` and the macro average.
 
     The triage figures come first: ``high_risk_roc_auc`` (P(high), high risk against the rest)
@@ -400,7 +403,7 @@ def classification_figures(
         if not 0 <= index < n_classes:
             raise ValueError(f"{name} {index} is outside 0..{n_classes - 1}")
     labels = list(range(n_classes))
-    y_pred = p.argmax(axis=1)
+    y_pred = called_levels(p, prior)
 
     precision, recall, f1, support = precision_recall_fscore_support(y, y_pred, labels=labels, zero_division=0)
     present = np.union1d(y, y_pred).tolist()

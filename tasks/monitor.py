@@ -125,6 +125,7 @@ class ModelOutputs:
 
     embeddings: np.ndarray  # N x D
     risk_probs: np.ndarray  # N x len(RISK_LEVELS)
+    called_levels: np.ndarray  # N level indices (tasks.decision)
 
 
 # One two-output view per loaded model, so repeated batches reuse its compiled predict function.
@@ -165,7 +166,8 @@ def model_outputs(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batc
     risk = risk_probabilities(
         np.concatenate(probs), bundle.target, bundle.summary["diagnoses"], bundle.summary["risk_map"]
     )
-    return ModelOutputs(np.concatenate(embeddings).astype(np.float64), np.asarray(risk, dtype=np.float64))
+    risk = np.asarray(risk, dtype=np.float64)
+    return ModelOutputs(np.concatenate(embeddings).astype(np.float64), risk, bundle.called_levels(risk))
 
 
 # --- the reference profile -------------------------------------------------------------------
@@ -241,7 +243,7 @@ def profile_table(
         parts.append(sizes.reset_index(drop=True))
     parts.append(pca.project(outputs.embeddings))
     predictions = pd.DataFrame(outputs.risk_probs, columns=[f"p_{level}" for level in RISK_LEVELS])
-    predictions["predicted_level"] = np.asarray(RISK_LEVELS, dtype=object)[outputs.risk_probs.argmax(axis=1)]
+    predictions["predicted_level"] = np.asarray(RISK_LEVELS, dtype=object)[outputs.called_levels]
     parts.append(predictions)
     return pd.concat(parts, axis=1)
 

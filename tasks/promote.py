@@ -119,6 +119,7 @@ def model_figures(bundle, cases: pd.DataFrame, image_paths: list[Path], params: 
         threshold=bundle.operating_point["threshold"],
         high_index=RISK_LEVELS.index("high"),
         n_resamples=params.bootstrap_resamples,
+        prior=bundle.prior,
     )
     figures = json_safe(headline_figures(metrics))
     return {k: (float("nan") if v is None else v) for k, v in figures.items()}

@@ -31,6 +31,7 @@ from mlflow.types import ColSpec, Schema
 from PIL import Image, ImageDraw
 
 from tasks.clinical import ClinicalEncoder, parse_age
+from tasks.decision import called_levels, level_prior
 from tasks.errors import DataError, SkinriskError
 from tasks.images import load_image, normalize_for_mobilenet
 from tasks.schema import RISK_LEVELS
@@ -308,7 +309,7 @@ def score_cases(
 
     index = frame.index if isinstance(frame, pd.DataFrame) else None
     result = pd.DataFrame(probs, columns=list(PROBABILITY_COLUMNS), index=index)
-    result["risk_level"] = [RISK_LEVELS[i] for i in probs.argmax(axis=1)]
+    result["risk_level"] = [RISK_LEVELS[i] for i in called_levels(probs, level_prior(summary))]
     result["refer"] = probs[:, _HIGH] >= operating_point["threshold"]
     return result
 

@@ -194,9 +194,11 @@ def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summa
     """
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+    from tasks.decision import called_levels, level_prior
     from tasks.metrics import risk_probabilities
 
     high = summary["risk_levels"].index("high")
+    prior = level_prior(summary)
     labels = val.labels(target)
     is_high = val.risk == high
 
@@ -204,7 +206,7 @@ def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summa
         probs = served.predict(val_inputs, verbose=0)
         picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
         risk = risk_probabilities(probs, target, summary["diagnoses"], summary["risk_map"])
-        predicted = risk.argmax(axis=1)
+        predicted = called_levels(risk, prior)
         return {
             "val_loss": float(-np.log(picked).mean()),
             "val_accuracy": float((probs.argmax(axis=1) == labels).mean()),

@@ -326,7 +326,7 @@ def test_case_selection_prefers_confident_correct_cases_then_confident_mistakes(
             [0.05, 0.9, 0.05],  # wrong, most confident
         ]
     )
-    chosen = select_cases(y_true, probs, cases_per_level=2, confidently_wrong=2)
+    chosen = select_cases(y_true, probs, probs.argmax(axis=1), cases_per_level=2, confidently_wrong=2)
     assert chosen[:2] == [(0, "correct"), (1, "correct")]
     assert (4, "correct") in chosen and (3, "top_up") in chosen and (5, "correct") in chosen
     assert chosen[-2:] == [(6, "top_up"), (2, "confidently_wrong")]
@@ -401,7 +401,10 @@ def test_explain_case_writes_its_three_outputs(case_bundle, raw_dir, tmp_path):
     assert json.loads((out_dir / CASE_EXPLANATION_FILE).read_text()) == payload
     probabilities = payload["probabilities"]
     assert set(probabilities) == set(RISK_LEVELS) and abs(sum(probabilities.values()) - 1) < 1e-4
-    assert payload["risk_level"] == max(probabilities, key=probabilities.get)
+    relative = {
+        level: probabilities[level] / share for level, share in zip(RISK_LEVELS, case_bundle.prior, strict=True)
+    }
+    assert payload["risk_level"] == max(relative, key=relative.get)  # the level called (tasks.decision)
     assert payload["threshold"] == 0.3 and payload["refer"] == (probabilities["high"] >= 0.3)
     shap = payload["shap"]
     assert abs(shap["base_value"] + sum(shap["values"].values()) - shap["output"]) < 1e-5
