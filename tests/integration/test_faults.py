@@ -239,3 +239,52 @@ def test_a_second_dvc_repro_fails_on_dvcs_lock_and_the_first_finishes_intact(tmp
     assert (project / "out.txt").read_text() == "written by the first run\n"
     status = dvc("status")
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+
+
+# (f) -------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN_OUTPUTS = {
+    "models/model.keras": "the last good model\n",
+    "models/train.json": '{"epochs_run": 13}\n',
+    "reports/training_history.csv": "epoch,loss\n1,0.9\n",
+}
+
+
+@pytest.mark.parametrize("fault", ["a bad param", "an unreachable tracking server"])
+def test_a_stage_that_fails_under_dvc_keeps_the_last_good_outputs(fault, tmp_path):
+    """DVC deletes a stage's outputs before running it unless they are ``persist: true``."""
+    import yaml
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+    }
+    if fault == "a bad param":
+        params["train"]["batch_size"] = -1
+    else:
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    for dep in ("data/processed/train.npz", "tasks/train.py", "tasks/model.py", "tasks/dataset.py"):
+        (project / dep).parent.mkdir(parents=True, exist_ok=True)
+        (project / dep).write_text("a dependency\n")
+    for path, text in TRAIN_OUTPUTS.items():
+        (project / path).parent.mkdir(parents=True, exist_ok=True)
+        (project / path).write_text(text)
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["dvc", *args], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+
+    assert dvc("init", "--no-scm", "-q").returncode == 0
+    done = dvc("repro", "--single-item", "train")
+    assert done.returncode != 0, done.stdout
+    message = done.stdout + done.stderr
+    assert ("batch_size" in message) if fault == "a bad param" else ("127.0.0.1" in message), message
+    for path, text in TRAIN_OUTPUTS.items():
+        assert (project / path).read_text() == text, f"{path} was lost"
