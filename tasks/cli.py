@@ -9,6 +9,7 @@ command: a spawned worker process re-imports this module as its main module, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -94,15 +95,18 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
     from tasks.preprocess import format_counts, preprocess
+    from tasks.validate import REPORT_JSON, require_validated
+
+    require_validated(Path(args.raw_dir), Path(args.reports_dir) / REPORT_JSON)
 
     summary = preprocess(
         Path(args.raw_dir),
-        Path(args.out),
+        Path(args.processed_dir),
         _params(args).preprocess,
         reports_dir=Path(args.reports_dir),
     )
     print(
-        f"preprocessed {summary.n_images} images to {args.out} "
+        f"preprocessed {summary.n_images} images to {args.processed_dir} "
         f"({summary.image_size}x{summary.image_size}, decoded in {summary.seconds_decoding:.1f} s)"
     )
     print(format_counts(summary))
@@ -423,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         "risk labels, lesion-grouped splits, clinical encoding, decoded images",
     )
     prep.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
-    prep.add_argument("--out", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
+    prep.add_argument("--out", dest="processed_dir", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
     prep.add_argument("--reports-dir", default=str(paths.REPORTS_DIR), help="default: %(default)s")
 
     def stage_paths(sub: argparse.ArgumentParser) -> None:
@@ -548,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The stages dvc.yaml runs: each holds the workspace lock on its folders while it runs, the lock
+# the Prefect flow holds for its whole run (tasks/workspace_lock.py), so `dvc repro` and a flow
+# never write the same folders at once; whichever comes second is refused at once.
+_STAGES = {cmd_validate, cmd_preprocess, cmd_train, cmd_evaluate, cmd_register, cmd_explain, cmd_monitor_reference}
+_WORKSPACE_FOLDERS = ("processed_dir", "model_dir", "reports_dir")
+
 # Commands that never build a model: they skip TensorFlow's import (several seconds).
 _WITHOUT_TENSORFLOW = {
     cmd_data_synth,
@@ -566,9 +576,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     log_file = console.setup(verbose=args.verbose)
     where = f" (full log: {log_file})" if log_file else ""
     try:
-        if args.handler not in _WITHOUT_TENSORFLOW:
-            console.import_tensorflow(log_file)
-        args.handler(args)
+        with contextlib.ExitStack() as stack:
+            if args.handler in _STAGES:
+                from tasks.workspace_lock import workspace_lock
+
+                folders = [getattr(args, name) for name in _WORKSPACE_FOLDERS if getattr(args, name, None)]
+                stack.enter_context(workspace_lock(folders, owner=f"skinrisk {args.command}"))
+            if args.handler not in _WITHOUT_TENSORFLOW:
+                console.import_tensorflow(log_file)
+            args.handler(args)
     except SkinriskError as exc:
         console.TRACEBACKS.error("error: %s", exc, exc_info=True)
         print(f"error: {exc}", file=sys.stderr)

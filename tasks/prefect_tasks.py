@@ -61,6 +61,9 @@ def validate(raw_dir: str, reports_dir: str, params_file: str, overrides: list[s
 def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params_file: str, overrides: list[str]) -> str:
     from tasks.preprocess import format_counts
     from tasks.preprocess import preprocess as run_preprocess
+    from tasks.validate import REPORT_JSON, require_validated
+
+    require_validated(Path(raw_dir), Path(reports_dir) / REPORT_JSON)
 
     summary = run_preprocess(
         Path(raw_dir),

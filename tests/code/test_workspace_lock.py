@@ -64,3 +64,18 @@ def test_the_lock_of_a_killed_run_is_released_by_the_kernel(tmp_path):
             assert time.monotonic() < deadline, "the lock outlived its process"
             time.sleep(0.1)
     assert lock_file(folder).exists()
+
+
+def test_a_dvc_stage_is_refused_while_a_flow_writes_the_same_folders(tmp_path, monkeypatch, capsys):
+    """`dvc repro` runs the stages through the CLI: each takes the lock the Prefect flow holds."""
+    from tasks.cli import main
+
+    monkeypatch.setenv("SKINRISK_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    models = tmp_path / "models"
+    with workspace_lock([tmp_path / "data" / "processed", models, tmp_path / "reports"], owner="the Prefect flow"):
+        assert main(["train", "--no-tracking"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "the Prefect flow" in err and "wait for it to finish" in err
+    assert not models.exists(), "the refused stage wrote nothing"

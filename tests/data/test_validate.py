@@ -334,3 +334,44 @@ def test_real_ham10000_copy_passes(tmp_path: Path) -> None:
     assert summary.n_images == len(rows)
     assert summary.n_lesions == len({row["lesion_id"] for row in rows})
     assert summary.failures == [] and summary.warnings == []
+
+
+# ------------------------------------------------------- preprocess uses only data that passed
+
+
+def _preprocess(raw_dir: Path, tmp_path: Path, reports_dir: Path) -> int:
+    from tasks.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text("validate: {min_image_side: 16, workers: 1}\npreprocess: {image_size: 32, workers: 1}\n")
+    args = ["--params", str(params), "--raw-dir", str(raw_dir), "--reports-dir", str(reports_dir)]
+    return main(["preprocess", *args, "--out", str(tmp_path / "processed")])
+
+
+def test_preprocess_refuses_data_whose_validation_failed(raw, reports, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = _rows()
+    write_metadata(raw, [*rows, rows[0]])  # the same image listed twice: it would land in two splits
+    fails(raw, reports)
+    assert _preprocess(raw, tmp_path, reports) == 1
+    err = capsys.readouterr().err
+    assert "did not pass" in err and "skinrisk validate" in err, err
+    assert not (tmp_path / "processed").exists()
+
+
+def test_preprocess_refuses_data_never_validated_or_changed_since(raw, reports, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _preprocess(raw, tmp_path, reports) == 1
+    assert "has not been validated" in capsys.readouterr().err
+    validate_raw(raw, reports, PARAMS)
+    write_image(image_of(raw, 3), size=(44, 33))  # an image replaced after it passed
+    assert _preprocess(raw, tmp_path, reports) == 1
+    assert "changed since" in capsys.readouterr().err
+    assert not (tmp_path / "processed").exists()
+
+
+def test_preprocess_runs_on_the_data_that_passed(raw, reports, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    validate_raw(raw, reports, PARAMS)
+    assert _preprocess(raw, tmp_path, reports) == 0, capsys.readouterr().err
+    assert (tmp_path / "processed" / "preprocess.json").exists()
