@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -128,7 +130,9 @@ def cmd_train(args: argparse.Namespace) -> None:
             orchestrator="dvc",
             source=data_source(Path(args.raw_dir)),
         )
-    try:
+    from tasks.tracking import working_on
+
+    with working_on(run_id):
         result = train(
             Path(args.processed_dir),
             Path(args.model_dir),
@@ -136,12 +140,6 @@ def cmd_train(args: argparse.Namespace) -> None:
             params.train,
             run_id=run_id,
         )
-    except BaseException:
-        if run_id:
-            from tasks.tracking import end_run
-
-            end_run(run_id, "FAILED")
-        raise
     print(
         f"trained {result.epochs_run} epochs in {result.seconds:.0f} s; best {result.monitor} "
         f"{result.best_value:.4f} (epoch {result.best_epoch}); temperature {result.temperature:.2f}; "
@@ -160,16 +158,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"scored {metrics['n_images']} images of {args.data}; figures in {out}")
     else:
         from tasks.runs import run_id_of
+        from tasks.tracking import working_on
 
         run_id = None if args.no_tracking else run_id_of(Path(args.model_dir))
-        metrics = evaluate(
-            Path(args.model),
-            Path(args.processed_dir),
-            Path(args.reports_dir),
-            Path(args.model_dir),
-            params,
-            run_id=run_id,
-        )
+        with working_on(run_id):
+            metrics = evaluate(
+                Path(args.model),
+                Path(args.processed_dir),
+                Path(args.reports_dir),
+                Path(args.model_dir),
+                params,
+                run_id=run_id,
+            )
         if args.out:
             from tasks.atomic import write_json
 
@@ -179,14 +179,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_register(args: argparse.Namespace) -> None:
     from tasks.runs import register_pipeline_model, run_id_of
+    from tasks.tracking import working_on
 
-    registration = register_pipeline_model(
-        Path(args.model),
-        Path(args.processed_dir),
-        Path(args.model_dir),
-        Path(args.reports_dir),
-        run_id_of(Path(args.model_dir)),
-    )
+    run_id = run_id_of(Path(args.model_dir))
+    with working_on(run_id):
+        registration = register_pipeline_model(
+            Path(args.model), Path(args.processed_dir), Path(args.model_dir), Path(args.reports_dir), run_id
+        )
     print(
         f"registered {registration.name} version {registration.version} as @{registration.alias} ({registration.model_uri})"
     )
@@ -202,7 +201,10 @@ def cmd_explain(args: argparse.Namespace) -> None:
             run_id = run_id_of(Path(args.model_dir))
         except SkinriskError:
             run_id = None  # a model trained without tracking
-        explain_test_cases(Path(args.model), Path(args.processed_dir), Path(args.out), params, run_id=run_id)
+        from tasks.tracking import working_on
+
+        with working_on(run_id):
+            explain_test_cases(Path(args.model), Path(args.processed_dir), Path(args.out), params, run_id=run_id)
         print(f"explained test cases (Grad-CAM overlays, SHAP summary) in {args.out}")
         return
     from tasks.evaluate import load_bundle
@@ -574,6 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tasks import console
 
     log_file = console.setup(verbose=args.verbose)
+    # SIGTERM (a scheduler or `kill` stopping the job) unwinds like Ctrl-C: outputs stay as they were,
+    # the MLflow run is ended KILLED
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     where = f" (full log: {log_file})" if log_file else ""
     try:
         with contextlib.ExitStack() as stack:
@@ -592,6 +598,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a path that cannot be read or written: the user's to fix, not a bug
+        console.TRACEBACKS.error("error: %s", exc, exc_info=True)
+        target = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"error: cannot use{target}: {exc.strerror or exc}; check the path and its permissions, "
+            f"or choose another location{where}",
+            file=sys.stderr,
+        )
+        return 1
     except Exception as exc:  # a bug, not bad input: the traceback goes to the log (or the console with -v)
         console.TRACEBACKS.error("unexpected error", exc_info=True)
         print(f"error: unexpected {type(exc).__name__}: {exc}{where}; please report it with that log", file=sys.stderr)

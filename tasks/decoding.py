@@ -103,6 +103,13 @@ def _jpeg_decoded(data: bytes, size: int) -> Image.Image | None:
         return None
 
 
+def decode_error_reason(exc: BaseException) -> str:
+    """Why Pillow could not decode bytes, without the in-memory buffer's repr it puts in the message."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file Pillow can read (no JPEG, PNG or other known format)"
+    return str(exc)
+
+
 def _pillow_decoded(data: bytes, size: int, where: str) -> Image.Image:
     """``data`` decoded by ``Image.open`` as an RGB image, at the JPEG draft scale for ``size``."""
     try:
@@ -112,7 +119,7 @@ def _pillow_decoded(data: bytes, size: int, where: str) -> Image.Image:
             # convert() copies even when the mode is already RGB: skip that copy
             return image if image.mode == "RGB" else image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode image {where}: {exc}") from exc
+        raise DataError(f"cannot decode image {where}: {decode_error_reason(exc)}") from exc
 
 
 def decode_shard_into(shard: tuple[int, list[str]], size: int, out: str, offset: int) -> int:

@@ -18,6 +18,7 @@ import io
 import os
 import tempfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tasks.atomic import atomic_directory, write_json
+from tasks.decoding import decode_error_reason
 from tasks.errors import DataError
 from tasks.metadata import read_metadata_table, require_columns
 from tasks.params import DataParams
@@ -96,7 +98,13 @@ def _walk_zip(archive_path: Path) -> Iterator[tuple[str, _ImageEntry]]:
         if member_path.suffix.lower() in IMAGE_SUFFIXES:
 
             def read(member: zipfile.ZipInfo = member) -> bytes:
-                return archive.read(member)
+                try:
+                    return archive.read(member)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise DataError(
+                        f"{archive_path}!{member.filename} is corrupt in the archive ({exc}); "
+                        f"download {archive_path.name} again"
+                    ) from exc
 
             yield member_path.stem, _ImageEntry(f"{archive_path}!{member.filename}", read)
 
@@ -142,8 +150,13 @@ def _jpeg_bytes(data: bytes, location: str) -> tuple[bytes, bool]:
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=95)
     except Exception as exc:  # PIL raises many types for undecodable files
-        raise DataError(f"{location} is neither a JPEG nor a readable image ({exc})") from exc
+        raise DataError(f"{location} is neither a JPEG nor a readable image ({decode_error_reason(exc)})") from exc
     return buffer.getvalue(), True
+
+
+def _starts_like_a_zip(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
 
 
 def _prepare_source(source: Path, scratch: Path) -> Path:
@@ -151,9 +164,17 @@ def _prepare_source(source: Path, scratch: Path) -> Path:
         return source
     if source.is_file() and zipfile.is_zipfile(source):
         target = scratch / "source"
-        with zipfile.ZipFile(source) as archive:
-            archive.extractall(target)
+        try:
+            with zipfile.ZipFile(source) as archive:
+                archive.extractall(target)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise DataError(f"{source} is a corrupt zip archive ({exc}); download it again") from exc
         return target
+    if source.is_file() and (source.suffix.lower() == ".zip" or _starts_like_a_zip(source)):
+        raise DataError(
+            f"{source} is a zip archive that cannot be opened (truncated or corrupt: its table of "
+            "contents is missing); download it again"
+        )
     if source.exists():
         raise DataError(f"{source} is neither a folder nor a zip archive")
     raise DataError(f"source {source} does not exist")

@@ -895,6 +895,8 @@ def monitor_batch(
     from tasks.preprocess import decode_images
 
     reference_path, batch, out_dir = Path(reference_path), Path(batch), Path(out_dir)
+    if not batch.exists():  # before a monitoring run is opened for it
+        raise DataError(f"batch {batch} not found: give a folder of images (with metadata) or a cases CSV")
     reference = ReferenceProfile.load(reference_path)
     owns_run = run_id is None and track
     if owns_run:

@@ -262,13 +262,32 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (delete one)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: Path | str = "params.yaml", overrides: list[str] | None = None) -> Params:
     """Read ``path``, apply ``section.key=value`` overrides, and validate everything once."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"parameters file {path} not found (run from the project root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except yaml.MarkedYAMLError as exc:  # one line: where, and what
+        mark = exc.problem_mark
+        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ParamsError(f"{where}: {exc.problem or exc}; fix {path}") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

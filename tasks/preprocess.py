@@ -38,7 +38,7 @@ from tasks.images import decode_shard
 from tasks.ingest import read_raw_metadata
 from tasks.metadata import require_columns
 from tasks.params import PreprocessParams
-from tasks.schema import DIAGNOSES, RAW_METADATA_FILE, RISK_LEVELS, raw_image_paths
+from tasks.schema import DIAGNOSES, LOCALIZATIONS, RAW_METADATA_FILE, RISK_LEVELS, SEXES, raw_image_paths
 from tasks.shards import Executor, map_shards, require_executor
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -65,14 +65,15 @@ def clinical_frame(raw: pd.DataFrame, source: Path) -> pd.DataFrame:
     for line, (image_id, value) in enumerate(zip(frame["image_id"], frame["age"], strict=True), 2):
         ages.append(parse_age(value, where=f"{source} line {line} (image_id {image_id})"))
     frame["age"] = ages
-    unknown = frame.loc[~frame["dx"].isin(DIAGNOSES)]
-    if not unknown.empty:
-        first = unknown.index[0]
-        raise DataError(
-            f"{source} line {first + 2} (image_id {unknown.at[first, 'image_id']}): unknown dx "
-            f"{unknown.at[first, 'dx']!r} ({len(unknown)} row(s) in all); accepted: {list(DIAGNOSES)}. "
-            "Run `skinrisk validate` for the full list."
-        )
+    for column, accepted in (("dx", DIAGNOSES), ("sex", SEXES), ("localization", LOCALIZATIONS)):
+        unknown = frame.loc[~frame[column].isin(accepted)]
+        if not unknown.empty:
+            first = unknown.index[0]
+            raise DataError(
+                f"{source} line {first + 2} (image_id {unknown.at[first, 'image_id']}): unknown {column} "
+                f"{unknown.at[first, column]!r} ({len(unknown)} row(s) in all); accepted: {list(accepted)}. "
+                "Run `skinrisk validate` for the full list."
+            )
     return frame
 
 

@@ -151,7 +151,10 @@ def start_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
 
     check_reachable()
     mlflow_client = client()
-    run = mlflow_client.create_run(experiment_id(experiment), run_name=run_name, tags={**git_tags(), **tags})
+    end_orphaned_runs(experiment)
+    run = mlflow_client.create_run(
+        experiment_id(experiment), run_name=run_name, tags={**git_tags(), **tags, **_working_tags()}
+    )
     entries = [Param(key, str(value)[:6000]) for key, value in params.items()]
     for start in range(0, len(entries), 100):  # MLflow's batch limit
         mlflow_client.log_batch(run.info.run_id, params=entries[start : start + 100])
@@ -353,6 +356,78 @@ def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
     mlflow_client = client()
     for key, value in tags.items():
         mlflow_client.set_tag(run_id, key, value)
+
+
+# The process working on a run (a pipeline run spans processes under DVC: train opens it, evaluate
+# and explain log to it, register closes it). While a stage works on it, PID_TAG holds its pid;
+# between stages it is empty. A RUNNING run whose working process is gone died mid-stage.
+PID_TAG, HOST_TAG, END_REASON_TAG = "skinrisk.pid", "skinrisk.host", "skinrisk.end_reason"
+
+
+def _working_tags() -> dict[str, str]:
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def end_orphaned_runs(experiment: str = EXPERIMENT) -> list[str]:
+    """End as KILLED the RUNNING runs whose working process on this host is gone (killed, or the
+    machine went down mid-stage); returns their ids. Runs from other hosts are left alone."""
+    mlflow_client = client()
+    existing = mlflow_client.get_experiment_by_name(experiment)
+    if existing is None:
+        return []
+    host = socket.gethostname()
+    runs = mlflow_client.search_runs(
+        [existing.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=1000,
+    )
+    ended = []
+    for run in runs:
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not _alive(int(pid)):
+            mlflow_client.set_tag(run.info.run_id, END_REASON_TAG, f"process {pid} on {host} died mid-stage")
+            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
+@contextlib.contextmanager
+def working_on(run_id: str | None) -> Iterator[None]:
+    """A stage working on ``run_id`` (nothing without one): the run records this process while
+    it works; a failure ends the run FAILED, an interruption (Ctrl-C, SIGTERM) KILLED; on success
+    the run is left open, idle, for the next stage."""
+    if not run_id:
+        yield
+        return
+    client().set_tag(run_id, PID_TAG, str(os.getpid()))
+    client().set_tag(run_id, HOST_TAG, socket.gethostname())
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        _end_quietly(run_id, "KILLED")
+        raise
+    except BaseException:
+        _end_quietly(run_id, "FAILED")
+        raise
+    client().set_tag(run_id, PID_TAG, "")
+
+
+def _end_quietly(run_id: str, status: str) -> None:
+    """End the run on the way out of a failure; a tracking error here must not hide that failure."""
+    try:
+        end_run(run_id, status)
+    except Exception:  # the original error is the one to report
+        log.warning("could not mark MLflow run %s %s", run_id, status, exc_info=True)
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

@@ -59,7 +59,10 @@ def _check_row(row: Mapping, images_dir: Path, image_size: int, missing_policy: 
         raise DataError(f"sex: {row['sex']!r} is not one of {list(SEXES)}")
     if row["localization"] not in LOCALIZATIONS:
         raise DataError(f"localization: {row['localization']!r} is not one of {list(LOCALIZATIONS)}")
-    path = Path(images_dir) / str(row["image"])
+    root = Path(images_dir).resolve()
+    path = (root / str(row["image"])).resolve()
+    if not path.is_relative_to(root):
+        raise DataError(f"image: {row['image']} is outside the images folder {images_dir}; give a path inside it")
     if not path.is_file():
         raise DataError(f"image: {path} not found")
     return load_image(path, image_size), age
@@ -109,7 +112,17 @@ def triage(
     cases_csv, out_csv = Path(cases_csv), Path(out_csv)
     if not cases_csv.is_file():
         raise SkinriskError(f"cases file {cases_csv} not found")
-    cases = pd.read_csv(cases_csv, dtype={"image": str, "sex": str, "localization": str}, keep_default_na=True)
+    try:
+        cases = pd.read_csv(cases_csv, dtype={"image": str, "sex": str, "localization": str}, keep_default_na=True)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise DataError(
+            f"{cases_csv} is not a readable cases CSV ({reason}); give a UTF-8 CSV with a header row "
+            f"{','.join(REQUIRED_COLUMNS)}"
+        ) from None
+    for column in ("image", "sex", "localization"):  # as `skinrisk data import` reads them
+        if column in cases.columns:
+            cases[column] = cases[column].str.strip()
     missing = [c for c in REQUIRED_COLUMNS if c not in cases.columns]
     if missing:
         raise SkinriskError(f"{cases_csv}: missing column(s) {missing}; a cases file has {list(REQUIRED_COLUMNS)}")
@@ -161,11 +174,13 @@ def triage(
     queue.insert(0, "rank", range(1, len(queue) + 1))
     with atomic_path(out_csv) as tmp:
         queue.to_csv(tmp, index=False)
-    invalid_path = None
+    invalid_path = out_csv.with_name(out_csv.stem + ".invalid.csv")
     if problems:
-        invalid_path = out_csv.with_name(out_csv.stem + ".invalid.csv")
         with atomic_path(invalid_path) as tmp:
             pd.DataFrame(problems).to_csv(tmp, index=False)
+    else:  # an earlier run's invalid rows do not describe this queue
+        invalid_path.unlink(missing_ok=True)
+        invalid_path = None
     return TriageSummary(
         n_cases=len(cases),
         n_scored=len(queue),

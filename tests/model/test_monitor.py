@@ -431,3 +431,13 @@ def test_the_flow_publishes_the_drift_and_finds_no_deployment(
     markdown = {a.key: a for a in artifact}["skinrisk-drift"]
     assert "**ALARM**" in str(markdown.data) and "no deployment named" in str(markdown.data)
     assert "skinrisk-drift-columns" in {a.key for a in artifact}
+
+
+def test_a_batch_that_does_not_exist_opens_no_monitoring_run(reference_path, bundle, mlflow_store, tmp_path):
+    import mlflow
+
+    from tasks.monitor import monitor_batch
+
+    with pytest.raises(DataError, match="not found"):
+        monitor_batch(reference_path, bundle, tmp_path / "no-such-batch", tmp_path / "out", MonitorParams())
+    assert mlflow.search_runs(search_all_experiments=True).empty

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.errors import SkinriskError
+from tasks.errors import DataError, SkinriskError
 from tasks.params import EvaluateParams, PromoteParams
 from tasks.schema import raw_image_path
 
@@ -114,14 +114,18 @@ def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, m
         {"case": "site", "image": rows[0]["image"], "age": 50, "sex": "male", "localization": "elbow"},
         {"case": "old", "image": rows[0]["image"], "age": 130, "sex": "male", "localization": "back"},
         {"case": "corrupt", "image": "broken.jpg", "age": 50, "sex": "female", "localization": "back"},
+        {"case": "outside", "image": "../outside.jpg", "age": 50, "sex": "male", "localization": "back"},
+        {"case": "spaced", "image": rows[0]["image"], "age": 50, "sex": " male ", "localization": "back "},
     ]
+    shutil.copy(images / rows[0]["image"], tmp_path / "outside.jpg")  # a readable file, but not under --images
     pd.DataFrame(rows).to_csv(tmp_path / "cases.csv", index=False)
 
     bundle = load_bundle("models:/skinrisk@champion", processed, Path())
     summary = triage(bundle, tmp_path / "cases.csv", images, tmp_path / "queue.csv")
-    assert (summary.n_cases, summary.n_scored, summary.n_invalid) == (16, 12, 4)
+    assert (summary.n_cases, summary.n_scored, summary.n_invalid) == (18, 13, 5)
     queue = pd.read_csv(tmp_path / "queue.csv")
-    assert queue["rank"].tolist() == list(range(1, 13))
+    assert queue["rank"].tolist() == list(range(1, 14))
+    assert queue.set_index("case").loc["spaced", "sex"] == "male"  # stripped, as the import does
     assert queue["p_high"].is_monotonic_decreasing
     np.testing.assert_allclose(queue[["p_low", "p_moderate", "p_high"]].sum(axis=1), 1.0, atol=1e-3)
     threshold = json.loads((out / "models" / "operating_point.json").read_text())["threshold"]
@@ -129,7 +133,8 @@ def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, m
     assert set(queue["action"]) <= set(ACTIONS.values())
     invalid = pd.read_csv(summary.invalid_path).set_index("row")
     reasons = " | ".join(invalid["reason"])
-    for fragment in ("nowhere.jpg not found", "'elbow' is not one of", "130 is outside", "cannot decode image"):
+    fragments = ("nowhere.jpg not found", "'elbow' is not one of", "130 is outside", "cannot decode image")
+    for fragment in (*fragments, "../outside.jpg is outside the images folder"):
         assert fragment in reasons, reasons
 
     # The command line, its rows checked in two worker processes: the same queue.
@@ -139,3 +144,13 @@ def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, m
     command += ["--images", str(images), "--out", str(tmp_path / "queue2.csv"), "--workers", "2"]
     assert main([*command, "--processed-dir", str(processed)]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "queue2.csv"), queue)
+
+    # A second run to the same queue with only valid rows: the first run's invalid rows are gone.
+    pd.DataFrame(rows[:12]).to_csv(tmp_path / "valid.csv", index=False)
+    again = triage(bundle, tmp_path / "valid.csv", images, tmp_path / "queue.csv")
+    assert again.invalid_path is None and not Path(summary.invalid_path).exists()
+
+    for content in (b"", b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary"):  # an empty file, a binary one
+        (tmp_path / "bad.csv").write_bytes(content)
+        with pytest.raises(DataError, match="not a readable cases CSV"):
+            triage(bundle, tmp_path / "bad.csv", images, tmp_path / "queue.csv")
