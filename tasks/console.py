@@ -86,7 +86,10 @@ def setup(verbose: bool = False, log_file: Path = LOG_FILE) -> Path | None:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        log_file.write_text("", encoding="utf-8")  # one command's log
+        # append mode (O_APPEND): the C++ lines that native_stderr_to adds to the same file land at
+        # its end too, instead of being overwritten by this handler's next record
+        file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
     except OSError:
         return None
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -68,6 +68,28 @@ def test_an_unreachable_mlflow_server_stops_the_flow_before_any_work(prefect_api
     assert not work.exists(), "no data imported, preprocessed or trained"
 
 
+def test_the_main_job_with_an_unreachable_server_prints_one_error_line(tmp_path):
+    """As a user sees it: `skinrisk pipeline` in a fresh folder, the tracking server down."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    tiny_params_file(tmp_path / "params.yaml")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "SKINRISK_LOCK_DIR": str(tmp_path / "locks")}
+    env.pop("PREFECT_API_URL", None)  # the command's own temporary Prefect server
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "skinrisk"), "pipeline"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 1
+    err = done.stderr.strip()
+    assert "Traceback" not in done.stdout + done.stderr
+    assert err.startswith("error: ") and "\n" not in err and uri in err and "unreachable" in err, err
+    assert not (tmp_path / "data").exists(), "nothing imported"
+    assert "Traceback" in (tmp_path / "logs" / "skinrisk.log").read_text()
+
+
 # (b) -------------------------------------------------------------------------------------------
 
 
