@@ -598,17 +598,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:  # a path that cannot be read or written: the user's to fix, not a bug
+    except Exception as exc:
         console.TRACEBACKS.error("error: %s", exc, exc_info=True)
-        target = f" {exc.filename}" if exc.filename else ""
-        print(
-            f"error: cannot use{target}: {exc.strerror or exc}; check the path and its permissions, "
-            f"or choose another location{where}",
-            file=sys.stderr,
-        )
-        return 1
-    except Exception as exc:  # a bug, not bad input: the traceback goes to the log (or the console with -v)
-        console.TRACEBACKS.error("unexpected error", exc_info=True)
+        if isinstance(exc, OSError) and exc.filename:  # a path that cannot be read or written: the user's to fix
+            print(
+                f"error: cannot use {exc.filename}: {exc.strerror or exc}; check the path and its permissions, "
+                f"or choose another location{where}",
+                file=sys.stderr,
+            )
+            return 1
+        # a bug, not bad input: the traceback is in the log (and on the console with -v)
         print(f"error: unexpected {type(exc).__name__}: {exc}{where}; please report it with that log", file=sys.stderr)
         return 1
     return 0
