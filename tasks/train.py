@@ -330,7 +330,9 @@ def _calibration_figures(view_probs: np.ndarray, labels: np.ndarray, temperature
     figures = {}
     for name, t in (("before", 1.0), ("after", temperature)):
         probs = calibrated(view_probs, t)
-        figures[f"val_log_loss_{name}"] = float(-np.log(np.clip(probs[rows, labels], 1e-12, 1.0)).mean())
+        figures[f"val_log_loss_{name}"] = (
+            float(-np.log(np.clip(probs[rows, labels], 1e-12, 1.0)).mean()) + 0.0
+        )  # no -0.0
         figures[f"val_ece_{name}"] = expected_calibration_error(labels, probs)
     return figures
 
