@@ -14,7 +14,8 @@ over the folds of:
 - 3-level balanced accuracy of the called levels (``tasks.decision``: the level most likely
   relative to its training share), and of the plain argmax beside it;
 - high-risk recall, specificity and the share of low-risk lesions not referred at the operating
-  point (``evaluate.target_recall``, the threshold chosen on the inner validation part);
+  point (``evaluate.target_recall``, the threshold chosen on the inner validation part), and the
+  recall and share not referred at the stricter point chosen there for recall 0.95 ("op95");
 - expected calibration error (top label, 15 bins).
 
     .venv/bin/python benchmarks/cv_quality.py --candidate default [--set train.KEY=VALUE ...]
@@ -50,6 +51,8 @@ FIGURES = (
     ("high_risk_recall", "recall@op"),
     ("specificity", "specificity@op"),
     ("low_risk_spared", "low spared@op"),
+    ("high_risk_recall_95", "recall@op95"),
+    ("low_risk_spared_95", "spared@op95"),
     ("ece", "ECE"),
 )
 
@@ -130,9 +133,12 @@ def fold_figures(reports: Path, models: Path, processed: Path) -> dict:
     y = predictions["actual"].map(RISK_LEVELS.index).to_numpy()
     probs = predictions[[f"p_{level}" for level in RISK_LEVELS]].to_numpy()
     high = RISK_LEVELS.index("high")
-    threshold = json.loads((models / "operating_point.json").read_text(encoding="utf-8"))["threshold"]
+    operating_point = json.loads((models / "operating_point.json").read_text(encoding="utf-8"))
+    threshold = operating_point["threshold"]
+    strict = operating_point.get("thresholds", {}).get("recall_0.95", float("nan"))
     summary = json.loads((processed / "preprocess.json").read_text(encoding="utf-8"))
     triage = triage_figures(y, probs[:, high], threshold, high_index=high)
+    triage_95 = triage_figures(y, probs[:, high], strict, high_index=high)
     return {
         "high_risk_roc_auc": float(roc_auc_score(y == high, probs[:, high])),
         "high_risk_pr_auc": float(average_precision_score(y == high, probs[:, high])),
@@ -141,6 +147,8 @@ def fold_figures(reports: Path, models: Path, processed: Path) -> dict:
         "high_risk_recall": triage["high_risk_recall"],
         "specificity": triage["specificity"],
         "low_risk_spared": triage["low_risk_spared"],
+        "high_risk_recall_95": triage_95["high_risk_recall"],
+        "low_risk_spared_95": triage_95["low_risk_spared"],
         "ece": expected_calibration_error(y, probs / probs.sum(axis=1, keepdims=True)),
         "n_test": len(y),
         "n_high": int((y == high).sum()),
