@@ -9,6 +9,7 @@ tests/integration/test_team_servers.py, tests/code/test_download.py, tests/integ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -61,7 +62,7 @@ def project(tmp_path_factory):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    assert "models:/skinrisk@champion" in done.stdout + done.stderr, "the main job ends with a champion"
+    assert "promotion gates passed" in done.stdout + done.stderr, "the main job ends with a champion"
     return root
 
 
@@ -157,5 +158,6 @@ def test_serving_and_the_curl_call_as_written(project):
         prediction = json.loads(done.stdout)["predictions"][0]
         assert set(prediction) == {"p_low", "p_moderate", "p_high", "risk_level", "refer"}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a server that failed to start is gone already
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
