@@ -1,6 +1,7 @@
 """What the console shows: the project's own lines, library warnings a user can act on, and one
 error line on failure. Everything (library INFO, Prefect's engine lines and tracebacks) goes to
-the log file that the error line names, or to the console too with ``skinrisk --verbose``.
+the log file (``logs/skinrisk.log``, named by the error line of an unexpected failure), or to
+the console too with ``skinrisk --verbose``.
 """
 
 from __future__ import annotations
