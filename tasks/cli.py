@@ -274,6 +274,17 @@ def cmd_registry_rollback(args: argparse.Namespace) -> None:
     print(f"@champion rolled back from version {demoted} to version {restored}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from tasks.register import load_registered
+    from tasks.serving import scoring_app
+
+    app = scoring_app(load_registered(args.model))
+    print(f"scoring {args.model} on http://{args.host}:{args.port}/invocations (Ctrl-C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_triage(args: argparse.Namespace) -> None:
     from tasks.evaluate import load_bundle
     from tasks.triage import triage
@@ -545,6 +556,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     triage_cmd.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="for a saved-model path")
     triage_cmd.add_argument("--model-dir", default=str(paths.MODELS_DIR), help="for a saved-model path")
+
+    serve = add(
+        "serve",
+        cmd_serve,
+        "the scoring server (MLflow's) for a registered model; bad requests answered without quoting them back",
+    )
+    serve.add_argument("--model", default="models:/skinrisk@champion", help="MLflow model URI (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    serve.add_argument("--port", type=int, default=5001, help="default: %(default)s")
 
     add(
         "pipeline",

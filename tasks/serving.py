@@ -341,3 +341,46 @@ class RiskModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Score a table with columns image (base64), age, sex, localization; see score_cases."""
         return score_cases(self.model, self.encoder, self.summary, self.operating_point, model_input)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scoring server
+
+# MLflow's scoring server wraps every error of a request in a repr of the request's table
+# ("Failed to predict data '<table>'. \nError: ..." and "Failed to enforce schema of data
+# '<table>' with schema '...'. Error: ..."), quoting the start of the base64 image and the
+# clinical fields back to the caller. The text after the last such wrapper is the error itself.
+_REQUEST_ECHO = re.compile(r"^Failed to (?:predict|enforce schema of) data .*?'\.\s*Error: ", re.DOTALL)
+
+
+def without_request_echo(message: str) -> str:
+    """An error message without MLflow's quote of the request it answers."""
+    while (match := _REQUEST_ECHO.match(message)) is not None:
+        message = message[match.end() :]
+    return message
+
+
+def scoring_app(model):
+    """MLflow's scoring server (``/invocations``, ``/ping``, ``/health``, ``/version``) for the pyfunc
+    ``model``, its 400 answers without the quote of the request (see :data:`_REQUEST_ECHO`)."""
+    from fastapi.responses import JSONResponse
+    from mlflow.pyfunc import scoring_server
+
+    app = scoring_server.init(model)
+
+    @app.middleware("http")
+    async def no_request_echo(request, call_next):
+        response = await call_next(request)
+        if response.status_code != 400:
+            return response
+        body = b"".join([chunk async for chunk in response.body_iterator])
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return JSONResponse({"message": "bad request"}, status_code=400)
+        if isinstance(payload.get("message"), str):
+            payload["message"] = without_request_echo(payload["message"])
+        payload.pop("stack_trace", None)  # the server's traceback quotes the request too
+        return JSONResponse(payload, status_code=400)
+
+    return app

@@ -101,3 +101,16 @@ def test_a_key_given_twice_in_params_is_refused(tmp_path):
     params.write_text("train:\n  batch_size: 16\n  head_epochs: 2\n  batch_size: 64\n")
     with pytest.raises(ParamsError, match=r"params.yaml line 4, column 3: key 'batch_size' is given twice"):
         load_params(params)
+
+
+def test_the_scoring_servers_quote_of_the_request_is_dropped():
+    from tasks.serving import without_request_echo
+
+    table = "   image  age\\n0  /9j/4AAQSkZJRgABAQ...  55"
+    ours = "invalid input: 1 problem(s); rows are numbered from 0 in request order:\n  row 0, field 'sex': missing"
+    assert without_request_echo(f"Failed to predict data '{table}'. \nError: {ours}") == ours
+    schema = (
+        f"Failed to enforce schema of data '{table}' with schema '['image': string]'. Error: Incompatible input types"
+    )
+    assert without_request_echo(f"Failed to predict data '{table}'. \nError: {schema}") == "Incompatible input types"
+    assert without_request_echo(ours) == ours

@@ -19,6 +19,7 @@ COMMANDS = [
     ["registry", "show"],
     ["registry", "promote"],
     ["registry", "rollback"],
+    ["serve"],
     ["pipeline"],
 ]
 

@@ -131,9 +131,10 @@ def test_registry_commands_as_written(project):
 
 
 def test_serving_and_the_curl_call_as_written(project):
-    serve, curl = readme_block("MLFLOW_TRACKING_URI=sqlite").split("curl", 1)
+    serve, curl = readme_block("skinrisk serve").split("curl", 1)
     port = str(free_port())
-    serve, curl = serve.replace("5001", port), "curl" + curl.replace("5001", port)
+    # the server in the foreground of its own shell here (the README starts it with `&`)
+    serve, curl = serve.strip().removesuffix("&").replace("5001", port), "curl" + curl.replace("5001", port)
     image = next((project / "data" / "raw" / "images").glob("*.jpg"))
     shutil.copy(image, project / "lesion.jpg")
     server = subprocess.Popen(

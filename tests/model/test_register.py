@@ -472,3 +472,18 @@ def test_the_scoring_server_answers_json_requests_and_400_for_bad_input(artifact
     answer = http.post("/invocations", json={"dataframe_records": missing_sex})
     assert answer.status_code == 400
     assert "missing inputs ['sex']" in answer.json()["message"]
+
+    # `skinrisk serve`: the same server, its 400 answers without MLflow's quote of the request.
+    from tasks.serving import scoring_app
+
+    quiet = TestClient(scoring_app(served))
+    image_start = records[0]["image"][:16]
+    for bad, expected in (
+        (dict(localization="elbow"), "row 1, field 'localization'"),
+        (dict(age="forty"), "column age"),
+    ):
+        broken = [records[0], {**records[1], "localization": "back", "age": 50, **bad}]
+        answer = quiet.post("/invocations", json={"dataframe_records": broken})
+        assert answer.status_code == 400
+        assert expected in answer.json()["message"] and image_start not in answer.text, answer.text
+    assert quiet.post("/invocations", json={"dataframe_records": records[:1]}).status_code == 200
