@@ -114,3 +114,16 @@ def test_the_scoring_servers_quote_of_the_request_is_dropped():
     )
     assert without_request_echo(f"Failed to predict data '{table}'. \nError: {schema}") == "Incompatible input types"
     assert without_request_echo(ours) == ours
+
+
+def test_preprocess_to_an_unwritable_folder_is_one_error_line(raw_dir, blocked, tmp_path, monkeypatch, capsys):
+    from tasks.params import ValidateParams
+    from tasks.validate import validate_raw
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("preprocess: {image_size: 32, workers: 1}\n")
+    validate_raw(raw_dir, tmp_path / "reports", ValidateParams(min_image_side=16, workers=1))
+    args = ["--raw-dir", str(raw_dir), "--reports-dir", str(tmp_path / "reports"), "--out", str(blocked)]
+    assert main(["preprocess", *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("error: cannot use") and "a-file" in err, err
