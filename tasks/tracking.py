@@ -409,8 +409,9 @@ def working_on(run_id: str | None) -> Iterator[None]:
     if not run_id:
         yield
         return
-    client().set_tag(run_id, PID_TAG, str(os.getpid()))
-    client().set_tag(run_id, HOST_TAG, socket.gethostname())
+    mlflow_client = client()
+    for key, value in _working_tags().items():
+        mlflow_client.set_tag(run_id, key, value)
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
@@ -420,7 +421,7 @@ def working_on(run_id: str | None) -> Iterator[None]:
         _end_quietly(run_id, "FAILED")
         raise
     try:
-        client().set_tag(run_id, PID_TAG, "")
+        mlflow_client.set_tag(run_id, PID_TAG, "")
     except Exception:  # the stage's work is done and logged (or spooled): a lost tag must not fail it
         log.warning("could not mark MLflow run %s idle", run_id, exc_info=True)
 
