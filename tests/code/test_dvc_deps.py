@@ -1,0 +1,86 @@
+"""dvc.yaml's deps are complete: every project module a stage's command runs is a dependency, so
+editing it reruns that stage under ``dvc repro``.
+
+The modules a stage runs are derived from the imports: the CLI handler of the stage's command,
+then every ``tasks``/``flows`` module it imports (at module level or inside a function), transitively.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("tasks", "flows")
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            # `from tasks import paths` imports the module tasks.paths
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.split(".")[0] in PACKAGES and _module_file(name)}
+
+
+def _module_file(module: str) -> Path | None:
+    path = ROOT.joinpath(*module.split("."))
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return None
+
+
+def modules_run_by(handler) -> set[Path]:
+    """The project's module files a CLI handler runs: its own imports and its module's top-level
+    ones (not those of the module's other handlers), then theirs, transitively."""
+    cli = ast.parse(Path(inspect.getfile(handler)).read_text(encoding="utf-8"))
+    top_level = ast.Module(body=[n for n in cli.body if isinstance(n, ast.Import | ast.ImportFrom)], type_ignores=[])
+    pending = _imported_modules(ast.parse(inspect.getsource(handler))) | _imported_modules(top_level)
+    seen: set[str] = {handler.__module__}
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        pending |= _imported_modules(ast.parse(_module_file(module).read_text(encoding="utf-8")))
+    return {_module_file(m).relative_to(ROOT) for m in seen} - {Path(p, "__init__.py") for p in PACKAGES}
+
+
+def _covered(module: Path, deps: list[str]) -> bool:
+    return any(module == Path(dep) or Path(dep) in module.parents for dep in deps)
+
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_module_a_stage_runs_is_a_dependency(stage: str) -> None:
+    spec = STAGES[stage]
+    command = shlex.split(spec["cmd"])
+    assert command[0] == "skinrisk", f"stage {stage} does not run the skinrisk CLI"
+    handler = build_parser().parse_args(command[1:]).handler
+    missing = sorted(str(m) for m in modules_run_by(handler) if not _covered(m, spec["deps"]))
+    assert not missing, f"dvc.yaml stage {stage!r} runs these modules without listing them in deps: {missing}"
+
+
+def test_the_derivation_finds_lazy_imports() -> None:
+    """The check itself can fail: a function-level import is found, transitively."""
+    from tasks.cli import cmd_train
+
+    modules = modules_run_by(cmd_train)
+    assert Path("tasks/train.py") in modules  # imported inside cmd_train
+    assert Path("tasks/model.py") in modules  # imported inside a function of tasks/train.py
+    assert Path("tasks/cli.py") in modules
+    assert not _covered(Path("tasks/model.py"), ["tasks/train.py", "data/processed"])
