@@ -119,6 +119,13 @@ class TrainParams(_Section):
         "val_loss", description="validation figure for the best epoch and early stopping"
     )
     early_stopping_patience: int = Field(4, ge=1)
+    ema_momentum: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="an exponential moving average of the weights, per step, is what validation scores "
+        "and what is kept (Keras' use_ema + SwapEMAWeights); 0: the raw weights",
+    )
     tta: Literal["none", "flips", "dihedral"] = Field(
         "flips", description="test-time views averaged by the saved model (1, 4 or 8)"
     )

@@ -35,6 +35,7 @@ import pandas as pd
 
 from tasks.atomic import write_json
 from tasks.dataset import SplitArrays, load_split, make_dataset
+from tasks.errors import SkinriskError
 from tasks.params import TrainParams
 from tasks.preprocess import read_preprocess_summary
 
@@ -144,7 +145,20 @@ class Checkpoints:
 
 
 def _improved(monitor: str, value: float, best: float) -> bool:
+    """Whether ``value`` of ``monitor`` beats ``best``; an undefined (NaN) value never does."""
+    if np.isnan(value):
+        return False
     return value < best if monitor in LOWER_IS_BETTER else value > best
+
+
+def _check_monitor(monitor: str, val_is_high: np.ndarray) -> None:
+    """Refuse a monitor the validation split leaves undefined: NaN every epoch, no epoch would be best."""
+    n_high = int(np.sum(val_is_high))
+    if monitor == "val_high_risk_auc" and not 0 < n_high < len(val_is_high):
+        raise SkinriskError(
+            f"train.monitor is val_high_risk_auc but {n_high} of the {len(val_is_high)} validation images are "
+            "high-risk, so the AUC is undefined: set train.monitor to val_loss or val_balanced_accuracy"
+        )
 
 
 def _worst(monitor: str) -> float:
@@ -211,10 +225,11 @@ def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summa
             "val_loss": float(-np.log(picked).mean()),
             "val_accuracy": float((probs.argmax(axis=1) == labels).mean()),
             "val_balanced_accuracy": float(balanced_accuracy_score(val.risk, predicted)),
+            # NaN where undefined, as in tasks.metrics (MLflow logging skips NaN)
             "val_high_risk_auc": float(roc_auc_score(is_high, risk[:, high]))
             if 0 < is_high.sum() < len(is_high)
-            else 0.5,
-            "val_high_risk_recall": float((predicted[is_high] == high).mean()) if is_high.any() else 0.0,
+            else float("nan"),
+            "val_high_risk_recall": float((predicted[is_high] == high).mean()) if is_high.any() else float("nan"),
         }
 
     return compute
@@ -232,14 +247,17 @@ def _compile(model, learning_rate: float, params: TrainParams, n_classes: int) -
         else keras.losses.SparseCategoricalCrossentropy()
     )
     with strategy_scope(params.distribution):
+        optimizer = keras.optimizers.Adam(
+            learning_rate, use_ema=params.ema_momentum > 0, ema_momentum=params.ema_momentum or 0.99
+        )
         if len(model.outputs) > 1:  # the auxiliary diagnosis head
             model.compile(
-                optimizer=keras.optimizers.Adam(learning_rate),
+                optimizer=optimizer,
                 loss=[loss, keras.losses.SparseCategoricalCrossentropy()],
                 loss_weights=[1.0, params.aux_dx_weight],
             )
         else:
-            model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+            model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
 
 def _finetune_schedule(first_epoch: int, params: TrainParams, batches_per_epoch: int) -> list:
@@ -311,9 +329,16 @@ def fit_temperature(view_probs: np.ndarray, labels: np.ndarray) -> float:
 
     scikit-learn's ``CalibratedClassifierCV(method="temperature")`` fits the same scalar, but
     around a scikit-learn estimator; here it has to live inside the Keras model.
+
+    When every validation case is already called right, the log loss only falls as the
+    temperature falls: the fit would run to its lower bound (0.07-0.12 on the synthetic sample)
+    and make the model near-certain on new cases. Nothing can be learnt from such a split, so the
+    temperature stays 1 (:func:`temperature_is_identifiable`).
     """
     from scipy.optimize import minimize_scalar
 
+    if not temperature_is_identifiable(view_probs, labels):
+        return 1.0
     rows = np.arange(len(labels))
 
     def nll(log_t: float) -> float:
@@ -321,6 +346,12 @@ def fit_temperature(view_probs: np.ndarray, labels: np.ndarray) -> float:
 
     best = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(best.x))
+
+
+def temperature_is_identifiable(view_probs: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether the validation split bounds the temperature from below: some case is called wrong
+    by the view-averaged probabilities (with none, the log loss falls as the temperature does)."""
+    return bool((calibrated(view_probs, 1.0).argmax(axis=-1) != labels).any())
 
 
 def _calibration_figures(view_probs: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:
@@ -355,6 +386,7 @@ def train(
     processed_dir, model_dir, reports_dir = Path(processed_dir), Path(model_dir), Path(reports_dir)
     summary = read_preprocess_summary(processed_dir)
     train_split, val = load_split(processed_dir, "train"), load_split(processed_dir, "val")
+    _check_monitor(params.monitor, val.risk == summary["risk_levels"].index("high"))
     target = params.target
     class_names = summary["risk_levels"] if target == "risk" else summary["diagnoses"]
     n_classes = len(class_names)
@@ -393,12 +425,15 @@ def train(
             print(f"resuming training from the checkpoint of epoch {initial} in {checkpoints.root}")
         stopped = state is not None and state["epoch"] - state["best_epoch"] >= params.early_stopping_patience
         if not stopped and initial < first_epoch + n_epochs:
+            # With EMA, the averaged weights are in the model at each epoch's end (before the
+            # validation and checkpoint callback that follows) and the raw ones while it trains.
+            ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if params.ema_momentum else []
             model.fit(
                 data,
                 epochs=first_epoch + n_epochs,
                 initial_epoch=initial,
                 steps_per_epoch=steps,
-                callbacks=[*extra_callbacks, _resumable(phase, checkpoints, params, state, validation)]
+                callbacks=[*extra_callbacks, *ema, _resumable(phase, checkpoints, params, state, validation)]
                 + ([_epoch_logger(run_id)] if run_id else []),
                 verbose=verbose,
                 shuffle=False,  # the dataset reshuffles itself each epoch
@@ -457,6 +492,11 @@ def train(
     val_views = view_probabilities(served, val, params.tta)
     val_labels = val.labels(target)
     temperature = fit_temperature(val_views, val_labels) if params.calibrate else 1.0
+    if params.calibrate and not temperature_is_identifiable(val_views, val_labels):
+        print(
+            "every validation case is called right, so the validation split cannot fit a temperature "
+            "(its log loss falls without bound as the temperature does): keeping temperature 1"
+        )
     calibration = {"temperature": temperature, **_calibration_figures(val_views, val_labels, temperature)}
     print(
         f"temperature {temperature:.3f} (fitted on validation, {params.tta} views): validation log loss "

@@ -63,6 +63,21 @@ def test_temperature_scaling_lowers_the_log_loss_of_overconfident_predictions():
     assert -np.log(calibrated(test_views, temperature)[np.arange(2000), test_labels]).mean() < nll(before)
 
 
+def test_a_separable_validation_split_keeps_temperature_one():
+    """Every case called right: the log loss falls as T does, so the fit would run to its bound."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    probs = np.full((300, 3), 0.2)
+    probs[np.arange(300), labels] = 0.6  # right every time, unsure every time
+    views = probs[None]
+    rows = np.arange(300)
+    assert -np.log(calibrated(views, 0.1)[rows, labels]).mean() < -np.log(probs[rows, labels]).mean()
+    assert fit_temperature(views, labels) == 1.0
+    # one case called wrong makes it identifiable again, and the fit sharpens these unsure predictions
+    probs[0] = np.roll(probs[0], 1)
+    assert fit_temperature(probs[None], labels) < 1.0
+
+
 def test_class_weights_are_balanced_weights_to_a_power():
     labels = np.array([0] * 80 + [1] * 15 + [2] * 5)
     full, root, none = (class_weights(labels, 3, power) for power in (1.0, 0.5, 0.0))

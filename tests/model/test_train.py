@@ -163,3 +163,35 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(processed_dir, t
     assert resumed_at >= done_before_kill - 1
     # The resumed run trained only the epochs left, not all of them again.
     assert second.stdout.count("Epoch ") <= len(final) - resumed_at + 1 + 1
+
+
+def test_weight_averaging_keeps_the_averaged_weights(processed_dir, tmp_path):
+    """With ``ema_momentum`` the kept model is the moving average of the weights, which trails
+    the raw weights. Keras starts the average at the weights after the first step, so at momentum
+    0.999 the kept weights are about one Adam step (the rate) from the start, the raw ones many."""
+    from tasks.model import build_model, head_of, load_model, single_view
+    from tasks.preprocess import read_preprocess_summary
+    from tasks.train import train
+
+    summary = read_preprocess_summary(processed_dir)
+
+    def output_kernel(params) -> np.ndarray:
+        return head_of(params).get_layer("probabilities").get_weights()[0]
+
+    moved = {}
+    for ema in (0.0, 0.999):
+        params = tiny_train_params(
+            head_epochs=1, finetune_epochs=0, steps_per_epoch=12, learning_rate=1e-2, ema_momentum=ema, calibrate=False
+        )
+        result = train(processed_dir, tmp_path / f"ema-{ema}" / "models", tmp_path / f"ema-{ema}" / "reports", params)
+        start = build_model(summary["image_size"], result_clinical(processed_dir), 3, params, aux_classes=7)
+        kept = output_kernel(single_view(load_model(result.model_path)))
+        moved[ema] = float(np.abs(kept - output_kernel(start)).mean())
+    assert moved[0.0] > 0, "the raw weights moved"
+    assert moved[0.999] < 0.5 * moved[0.0], moved
+
+
+def result_clinical(processed_dir) -> int:
+    from tasks.dataset import load_split
+
+    return load_split(processed_dir, "train").clinical.shape[1]

@@ -1,0 +1,60 @@
+"""Training's per-epoch validation figures and its best-epoch rule (no model is trained here)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from tasks.dataset import SplitArrays
+from tasks.errors import SkinriskError
+from tasks.schema import RISK_LEVELS
+from tasks.tracking import numeric_metrics
+from tasks.train import _check_monitor, _improved, _validation_figures, _worst
+
+
+class _FixedModel:
+    """Stands in for the served model: the same probabilities whatever the input."""
+
+    def __init__(self, probs: np.ndarray) -> None:
+        self.probs = probs
+
+    def predict(self, inputs, verbose: int = 0) -> np.ndarray:
+        return self.probs
+
+
+def test_high_risk_figures_are_nan_without_a_high_risk_validation_case_and_are_not_logged():
+    risk = np.array([0, 1, 0, 1])
+    val = SplitArrays(
+        images=np.zeros((4, 2, 2, 3), np.uint8),
+        clinical=np.zeros((4, 1), np.float32),
+        risk=risk,
+        dx=risk,
+        image_id=np.array(["a", "b", "c", "d"]),
+    )
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1]])
+    summary = {"risk_levels": list(RISK_LEVELS), "diagnoses": [], "risk_map": {}}
+    figures = _validation_figures(_FixedModel(probs), val, None, "risk", summary)()
+    assert math.isnan(figures["val_high_risk_auc"]) and math.isnan(figures["val_high_risk_recall"])
+    assert figures["val_balanced_accuracy"] == pytest.approx(1.0)
+    # MLflow gets the defined figures only (a NaN is skipped, never logged as 0).
+    assert set(numeric_metrics(figures)) == {"val_loss", "val_accuracy", "val_balanced_accuracy"}
+
+
+@pytest.mark.parametrize("monitor", ["val_loss", "val_high_risk_auc", "val_balanced_accuracy"])
+def test_an_undefined_monitor_value_is_never_an_improvement(monitor):
+    assert not _improved(monitor, math.nan, _worst(monitor))
+    assert not _improved(monitor, math.nan, 0.5)
+    assert _improved(monitor, 0.5, _worst(monitor))
+
+
+def test_lower_is_better_only_for_the_loss():
+    assert _improved("val_loss", 0.4, 0.5) and not _improved("val_loss", 0.6, 0.5)
+    assert _improved("val_high_risk_auc", 0.6, 0.5) and not _improved("val_high_risk_auc", 0.4, 0.5)
+
+
+@pytest.mark.parametrize("val_is_high", [np.zeros(5, bool), np.ones(5, bool)], ids=["no high risk", "all high risk"])
+def test_a_monitor_undefined_on_the_validation_split_is_refused(val_is_high):
+    with pytest.raises(SkinriskError, match=r"train\.monitor is val_high_risk_auc .* set train\.monitor to val_loss"):
+        _check_monitor("val_high_risk_auc", val_is_high)
+    _check_monitor("val_loss", val_is_high)
+    _check_monitor("val_high_risk_auc", np.array([True, False]))
