@@ -227,10 +227,22 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 def cmd_monitor_reference(args: argparse.Namespace) -> None:
     from tasks.monitor import build_reference_profile
+    from tasks.runs import run_id_of
+    from tasks.tracking import working_on
 
-    out = build_reference_profile(
-        Path(args.model), Path(args.processed_dir), Path(args.out), _params(args).monitor, raw_dir=Path(args.raw_dir)
-    )
+    try:
+        run_id = run_id_of(Path(args.model_dir))
+    except SkinriskError:
+        run_id = None  # a model trained without tracking
+    with working_on(run_id):
+        out = build_reference_profile(
+            Path(args.model),
+            Path(args.processed_dir),
+            Path(args.out),
+            _params(args).monitor,
+            raw_dir=Path(args.raw_dir),
+            run_id=run_id,
+        )
     print(f"reference profile written to {out}")
 
 
@@ -261,7 +273,13 @@ def cmd_registry_promote(args: argparse.Namespace) -> None:
     from tasks.atomic import write_json
     from tasks.promote import decision_record, promote
 
-    decision = promote(Path(args.processed_dir), Path(args.raw_dir), _params(args).promote)
+    params = _params(args)
+    decision = promote(
+        Path(args.processed_dir),
+        Path(args.raw_dir),
+        params.promote,
+        calibration_bins=params.evaluate.calibration_bins,
+    )
     print(decision.summary())
     if args.out:
         write_json(Path(args.out), decision_record(decision))
@@ -502,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--model", default=str(paths.MODELS_DIR / "model.keras"), help="default: %(default)s")
     reference.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="default: %(default)s")
     reference.add_argument("--raw-dir", default=str(paths.RAW_DIR), help="default: %(default)s")
+    reference.add_argument(
+        "--model-dir", default=str(paths.MODELS_DIR), help="where train.json names the MLflow run; default: %(default)s"
+    )
     reference.add_argument(
         "--out", default=str(paths.MODELS_DIR / "reference_profile.parquet"), help="default: %(default)s"
     )

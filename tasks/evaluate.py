@@ -281,6 +281,7 @@ def evaluate(
         n_resamples=params.bootstrap_resamples,
         seed=params.seed,
         prior=bundle.prior,
+        calibration_bins=params.calibration_bins,
     )
     uncalibrated = _uncalibrated(bundle)
     raw_probs = None
@@ -335,6 +336,17 @@ def evaluate(
     return metrics
 
 
+def _keras_file(artifacts: Path, model_uri: str) -> Path:
+    """The one ``.keras`` file of a downloaded MLflow model's ``artifacts`` folder."""
+    found = sorted(artifacts.glob("*.keras"))
+    if not found:
+        raise SkinriskError(
+            f"MLflow model {model_uri} has no .keras file in {artifacts}: give a model logged by "
+            "`skinrisk register` or the path of a saved model.keras"
+        )
+    return found[0]
+
+
 def load_bundle(model: str, processed_dir: Path, model_dir: Path) -> Bundle:
     """A saved model path (with its processed data folder) or an MLflow model URI."""
     from tasks.model import load_model
@@ -351,7 +363,7 @@ def load_bundle(model: str, processed_dir: Path, model_dir: Path) -> Bundle:
             raise SkinriskError(f"cannot fetch MLflow model {model}: {exc}") from exc
         artifacts = local / "artifacts"
         return Bundle(
-            model=load_model(next(artifacts.glob("*.keras"))),
+            model=load_model(_keras_file(artifacts, model)),
             encoder=ClinicalEncoder.load(artifacts / ENCODER_FILE),
             summary=json.loads((artifacts / SUMMARY_FILE).read_text()),
             operating_point=json.loads((artifacts / OPERATING_POINT_FILE).read_text()),
@@ -396,6 +408,7 @@ def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: Eval
         n_resamples=params.bootstrap_resamples,
         seed=params.seed,
         prior=bundle.prior,
+        calibration_bins=params.calibration_bins,
     )
     metrics = json_safe({**metrics, "n_images": len(frame), "source": str(source)})
     write_json(Path(out_file), metrics)

@@ -374,6 +374,7 @@ def classification_figures(
     n_resamples: int = 1000,
     seed: int = 0,
     prior: np.ndarray | None = None,
+    calibration_bins: int = 15,
 ) -> dict[str, Any]:
     """All evaluation figures as one JSON-serialisable dict (plain floats, ints, lists, dicts).
 
@@ -383,8 +384,9 @@ def classification_figures(
     ``groups`` when given), ``macro_f1`` (over the classes present in ``y_true`` or the
     predictions), ``per_class`` (precision, recall, f1, support by class name), ``confusion_matrix``
     (rows true, columns predicted), ``roc_auc_ovr`` (macro one-vs-rest) and ``roc_auc_per_class``,
-    ``ece``, ``high_risk_recall`` (of the called classes). A class absent from ``y_true`` (or making up all of
-    it) has no defined AUC and is left out of ``roc_auc_per_class`` and the macro average.
+    ``ece`` (over ``calibration_bins`` equal-width bins), ``high_risk_recall`` (of the called
+    classes). A class absent from ``y_true`` (or making up all of it) has no defined AUC and is
+    left out of ``roc_auc_per_class`` and the macro average.
 
     The triage figures come first: ``high_risk_roc_auc`` (P(high), high risk against the rest)
     with its ``high_risk_roc_auc_ci95`` and ``high_risk_pr_auc`` (average precision). The macro
@@ -440,7 +442,7 @@ def classification_figures(
         "confusion_matrix": confusion_matrix(y, y_pred, labels=labels).astype(int).tolist(),
         "roc_auc_ovr": float(np.mean(list(auc_per_class.values()))) if auc_per_class else math.nan,
         "roc_auc_per_class": auc_per_class,
-        "ece": expected_calibration_error(y, p),
+        "ece": expected_calibration_error(y, p, calibration_bins),
         "high_risk_recall": _class_recall(high_index)(y, y_pred),
     }
 

@@ -369,8 +369,12 @@ def build_reference_profile(
     params: MonitorParams,
     *,
     raw_dir: Path | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """Build the reference profile from up to ``params.reference_size`` training cases; returns ``out_path``.
+
+    With ``run_id`` the profile is logged to that MLflow run (``monitoring/``), as the model's
+    drift reference, whichever orchestrator runs the stage.
 
     One image per training lesion (see :func:`one_per_lesion`), then a seeded sample of
     ``params.reference_size`` lesions when there are more. Reads the training split (images as
@@ -432,7 +436,12 @@ def build_reference_profile(
             "original_sizes": sizes is not None,
         },
     )
-    return profile.save(Path(out_path))
+    saved = profile.save(Path(out_path))
+    if run_id:
+        from tasks.tracking import log_artifacts
+
+        log_artifacts(run_id, [saved], artifact_path="monitoring")
+    return saved
 
 
 # --- reading a batch -------------------------------------------------------------------------

@@ -165,7 +165,6 @@ def reference_profile(
     run_id: str,
 ) -> str:
     from tasks.monitor import REFERENCE_FILE, build_reference_profile
-    from tasks.tracking import log_artifacts
 
     out = build_reference_profile(
         Path(model_path),
@@ -173,8 +172,8 @@ def reference_profile(
         Path(model_dir) / REFERENCE_FILE,
         _params(params_file, overrides).monitor,
         raw_dir=Path(raw_dir),
+        run_id=run_id,
     )
-    log_artifacts(run_id, [out], artifact_path="monitoring")
     return str(out)
 
 
@@ -205,7 +204,10 @@ def promote(processed_dir: str, raw_dir: str, params_file: str, overrides: list[
     from tasks.promote import decision_record
     from tasks.promote import promote as run_promote
 
-    decision = run_promote(Path(processed_dir), Path(raw_dir), _params(params_file, overrides).promote)
+    params = _params(params_file, overrides)
+    decision = run_promote(
+        Path(processed_dir), Path(raw_dir), params.promote, calibration_bins=params.evaluate.calibration_bins
+    )
     print(decision.summary())
     create_markdown_artifact(
         key="skinrisk-promotion",

@@ -98,8 +98,11 @@ def evaluation_cases(processed_dir: Path, raw_dir: Path, split: str = "test") ->
     return cases, [raw_image_path(Path(raw_dir), image_id) for image_id in cases["image_id"]]
 
 
-def model_figures(bundle, cases: pd.DataFrame, image_paths: list[Path], params: PromoteParams) -> dict:
-    """Headline figures of one model on the evaluation cases, at the model's own threshold."""
+def model_figures(
+    bundle, cases: pd.DataFrame, image_paths: list[Path], params: PromoteParams, *, calibration_bins: int = 15
+) -> dict:
+    """Headline figures of one model on the evaluation cases, at the model's own threshold; the ECE
+    over ``calibration_bins`` bins, as ``evaluate.calibration_bins`` gives it in metrics.json."""
     from tasks.evaluate import headline_figures, json_safe, risk_labels, score_images
     from tasks.metrics import classification_figures
     from tasks.schema import RISK_LEVELS
@@ -120,6 +123,7 @@ def model_figures(bundle, cases: pd.DataFrame, image_paths: list[Path], params: 
         high_index=RISK_LEVELS.index("high"),
         n_resamples=params.bootstrap_resamples,
         prior=bundle.prior,
+        calibration_bins=calibration_bins,
     )
     figures = json_safe(headline_figures(metrics))
     return {k: (float("nan") if v is None else v) for k, v in figures.items()}
@@ -134,8 +138,16 @@ def _version_for(name: str, alias: str) -> str | None:
         return None
 
 
-def promote(processed_dir: Path, raw_dir: Path, params: PromoteParams, *, name: str = MODEL_NAME) -> PromotionDecision:
-    """Compare ``@challenger`` with ``@champion`` and move the aliases if every gate passes."""
+def promote(
+    processed_dir: Path,
+    raw_dir: Path,
+    params: PromoteParams,
+    *,
+    name: str = MODEL_NAME,
+    calibration_bins: int = 15,
+) -> PromotionDecision:
+    """Compare ``@challenger`` with ``@champion`` and move the aliases if every gate passes (the
+    ECE gate over ``calibration_bins`` bins: pass ``evaluate.calibration_bins``)."""
     from tasks.evaluate import load_bundle
 
     challenger = _version_for(name, CHALLENGER)
@@ -149,10 +161,20 @@ def promote(processed_dir: Path, raw_dir: Path, params: PromoteParams, *, name: 
         )
 
     challenger_figures = model_figures(
-        load_bundle(f"models:/{name}/{challenger}", processed_dir, Path()), cases, paths, params
+        load_bundle(f"models:/{name}/{challenger}", processed_dir, Path()),
+        cases,
+        paths,
+        params,
+        calibration_bins=calibration_bins,
     )
     champion_figures = (
-        model_figures(load_bundle(f"models:/{name}/{champion}", processed_dir, Path()), cases, paths, params)
+        model_figures(
+            load_bundle(f"models:/{name}/{champion}", processed_dir, Path()),
+            cases,
+            paths,
+            params,
+            calibration_bins=calibration_bins,
+        )
         if champion
         else None
     )

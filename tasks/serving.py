@@ -5,8 +5,9 @@ The served model takes what a clinic has, not what the network eats: the image f
 encoding happen inside, with the same functions and the same fitted encoder as training, so a
 served prediction equals the pipeline's own for the same case.
 
-``score_cases`` is the whole scoring path as a plain function (triage and explain code reuse
-it without MLflow); ``RiskModel`` only loads the artifacts and calls it.
+``score_cases`` is the whole scoring path as a plain function, callable without MLflow;
+``RiskModel`` only loads the artifacts and calls it. Batch triage and explain do not go through
+it: they score a ``tasks.evaluate.Bundle`` with ``tasks.evaluate.predict_risk``.
 """
 
 from __future__ import annotations

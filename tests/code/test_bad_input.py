@@ -127,3 +127,21 @@ def test_preprocess_to_an_unwritable_folder_is_one_error_line(raw_dir, blocked, 
     assert main(["preprocess", *args]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error: cannot use") and "a-file" in err, err
+
+
+def test_an_mlflow_model_without_a_keras_file_is_one_clear_error(tmp_path, monkeypatch):
+    import mlflow
+
+    import tasks.tracking
+    from tasks.errors import SkinriskError
+    from tasks.evaluate import load_bundle
+
+    (tmp_path / "artifacts").mkdir()
+    monkeypatch.setattr(tasks.tracking, "client", lambda: None)
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda artifact_uri: str(tmp_path))
+    with pytest.raises(SkinriskError) as caught:
+        load_bundle("models:/skinrisk@champion", tmp_path, tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "models:/skinrisk@champion" in message and "no .keras file" in message
+    assert str(tmp_path / "artifacts") in message and "skinrisk register" in message

@@ -84,3 +84,15 @@ def test_the_derivation_finds_lazy_imports() -> None:
     assert Path("tasks/model.py") in modules  # imported inside a function of tasks/train.py
     assert Path("tasks/cli.py") in modules
     assert not _covered(Path("tasks/model.py"), ["tasks/train.py", "data/processed"])
+
+
+def _outs(stage: str) -> set[str]:
+    return {next(iter(out)) if isinstance(out, dict) else out for out in STAGES[stage].get("outs", [])}
+
+
+def test_the_stages_that_log_to_the_run_come_before_register_closes_it() -> None:
+    """Under ``dvc repro`` register ends the pipeline's MLflow run: explain and reference, which log
+    to it, must be its upstream (DVC orders stages only by their deps)."""
+    deps = set(STAGES["register"]["deps"])
+    for stage in ("train", "evaluate", "explain", "reference"):
+        assert _outs(stage) & deps, f"nothing orders {stage} before register"
