@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tasks import validate as validate_module
 from tasks.errors import DataError
 from tasks.params import ValidateParams
 from tasks.schema import DIAGNOSES, METADATA_COLUMNS, RAW_METADATA_FILE, raw_image_path
 from tasks.validate import ValidationFailed, validate_raw
+from tasks.validate import _inspect_chunk as _original_inspect_chunk
 
 # The tiny images are 40x30, so the smallest plausible side is lowered; one worker keeps the
 # tests free of process start-up (one test covers the process pool).
@@ -105,9 +107,35 @@ def test_valid_layout_passes_and_writes_both_reports(raw: Path, reports: Path) -
     assert "| pass | metadata | dx |" in markdown
 
 
-def test_image_checks_run_in_worker_processes(raw: Path, reports: Path) -> None:
+_PID_DIR = "SKINRISK_TEST_CHECK_PIDS"
+
+
+def _inspect_chunk_recording_pid(raw_dir: str, image_ids: list[str]) -> list[dict]:
+    """tasks.validate's chunk check, leaving a file named for the process that ran it.
+
+    The pool pickles this function by name, so a spawned worker imports this module (where the
+    name refers to the original check) and finds the folder in the environment it inherited.
+    """
+    (Path(os.environ[_PID_DIR]) / f"{os.getpid()}-{image_ids[0]}").write_text("\n".join(image_ids))
+    return _original_inspect_chunk(raw_dir, image_ids)
+
+
+def test_image_checks_run_in_worker_processes(
+    raw: Path, reports: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    monkeypatch.setenv(_PID_DIR, str(pids))
+    monkeypatch.setattr(validate_module, "_inspect_chunk", _inspect_chunk_recording_pid)
+
     summary = validate_raw(raw, reports, PARAMS.model_copy(update={"workers": 2}))
+
     assert summary.failures == []
+    chunks = list(pids.iterdir())
+    checked = sorted(i for chunk in chunks for i in chunk.read_text().split("\n"))
+    assert checked == sorted(row["image_id"] for row in _rows()), "every image checked once"
+    ran_in = {int(chunk.name.split("-")[0]) for chunk in chunks}
+    assert len(chunks) >= 2 and os.getpid() not in ran_in, f"checks ran in {ran_in}, the test in {os.getpid()}"
 
 
 def test_unlisted_image_file_is_a_warning_not_a_failure(raw: Path, reports: Path) -> None:

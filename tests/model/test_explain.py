@@ -1,4 +1,4 @@
-"""Explanations: Grad-CAM points at the lesion, SHAP adds up exactly, and the stages write their files."""
+"""Explanations: Grad-CAM points at the lesion, SHAP credits what the model uses, and the stages write their files."""
 
 from __future__ import annotations
 
@@ -35,7 +35,15 @@ from tasks.explain import (
     select_cases,
     upsample_heatmap,
 )
-from tasks.model import LAST_CONV_LAYER, POOLED_LAYER, build_model, fusion_head
+from tasks.model import (
+    BASE_MODEL,
+    LAST_CONV_LAYER,
+    POOLED_LAYER,
+    build_model,
+    calibrated_single_view,
+    fusion_head,
+    inference_model,
+)
 from tasks.params import ExplainParams
 from tasks.schema import DIAGNOSES, RISK_LEVELS
 from tests.support import tiny_train_params
@@ -67,7 +75,7 @@ def dx_model():
 
 @pytest.fixture(scope="module")
 def risk_model():
-    """An untrained build_model at 32 px (risk target): enough for additivity and plumbing."""
+    """An untrained build_model at 32 px (risk target): enough for plumbing."""
     return build_model(32, ENCODER.n_features, len(RISK_LEVELS), tiny_train_params())
 
 
@@ -127,7 +135,7 @@ def _small_conv_risk_model(size: int, n_clinical: int, n_classes: int) -> keras.
     x = layers.ReLU(name=LAST_CONV_LAYER)(x)
     pooled = layers.GlobalAveragePooling2D(name=POOLED_LAYER)(x)
     head = fusion_head(n_clinical, n_classes, params, embedding_size=32)
-    return keras.Model([image, clinical], head([pooled, clinical]))
+    return keras.Model([image, clinical], head([pooled, clinical]), name=BASE_MODEL)
 
 
 @pytest.mark.slow
@@ -243,22 +251,58 @@ def test_overlay_blends_the_heatmap_over_the_image():
 # SHAP for the clinical variables
 
 
-def test_shap_values_add_up_to_the_model_output(risk_model):
-    assignment = level_assignment(3, DIAGNOSES, RISK_MAP)
-    predictor = risk_predictor(risk_model, assignment)
-    background = _background(40, seed=3)
-    cases = [(37.0, "female", "back"), (80.0, "male", "face"), (math.nan, "unknown", "unknown")]
-    for k, raw in enumerate(cases):
-        image = _image(10 + k)
-        for level in range(len(RISK_LEVELS)):
-            result = clinical_shap(predictor, image, raw, background, ENCODER, level)
-            total = result["base_value"] + sum(result["values"].values())
-            assert abs(total - result["output"]) < 1e-5, (raw, level, total, result["output"])
-            assert set(result["values"]) == set(SHAP_VARIABLES)
-        # The output is the model's own prediction (the fast head-only path agrees with it).
-        clinical = ENCODER.transform(pd.DataFrame({"age": [raw[0]], "sex": [raw[1]], "localization": [raw[2]]}))
-        direct = np.asarray(risk_model({"image": image[None], "clinical": clinical}, training=False))[0]
-        assert abs(result["output"] - direct[level]) < 1e-5
+def _face_raises_melanoma_model(weight: float, temperature: float) -> keras.Model:
+    """A dx model saved-style (test-time views and temperature around the single view) whose
+    only input that matters is the ``localization=face`` feature: the fusion head is zeroed but
+    for one path from that feature to the melanoma logit, so ``logit_mel = weight * face``."""
+    base = _small_conv_risk_model(16, ENCODER.n_features, len(DIAGNOSES))
+    head = base.get_layer("fusion_head")
+    for layer in head.layers:
+        layer.set_weights([np.zeros_like(w) for w in layer.get_weights()])
+    params = tiny_train_params()
+
+    def set_kernel(name: str, row: int, column: int, value: float) -> None:
+        kernel, bias = head.get_layer(name).get_weights()
+        kernel[row, column] = value
+        head.get_layer(name).set_weights([kernel, bias])
+
+    set_kernel("clinical_dense_1", ENCODER.feature_names.index("localization=face"), 0, 1.0)
+    set_kernel("clinical_dense_2", 0, 0, 1.0)
+    set_kernel("fusion_dense", params.image_units, 0, 1.0)  # the clinical units follow the image's
+    set_kernel("probabilities", 0, DIAGNOSES.index("mel"), weight)
+    return inference_model(base, "flips", temperature=temperature)
+
+
+def test_shap_credits_the_site_a_model_uses_with_its_exact_effect_on_the_explained_level():
+    weight, temperature = 4.0, 2.0
+    model = _face_raises_melanoma_model(weight, temperature)
+    # What explain_case runs: the calibrated single view, diagnoses summed into levels, neutral background.
+    predictor = risk_predictor(calibrated_single_view(model), level_assignment(len(DIAGNOSES), DIAGNOSES, RISK_MAP))
+    background = neutral_background(ENCODER)
+
+    # softmax(logits / T) by hand: mel's logit is weight on the face, every other logit is 0.
+    boost = math.exp(weight / temperature)
+    on_face = {"low": 4 / (boost + 6), "moderate": 1 / (boost + 6), "high": (boost + 1) / (boost + 6)}
+    elsewhere = {"low": 4 / 7, "moderate": 1 / 7, "high": 2 / 7}
+    face_share = 1 / len(ENCODER.localizations)  # the neutral background holds every site once per sex
+
+    cases = [(40.0, "female", "face"), (75.0, "male", "back"), (math.nan, "unknown", "unknown")]
+    for k, (age, sex, site) in enumerate(cases):
+        for level_index, level in enumerate(RISK_LEVELS):
+            result = clinical_shap(predictor, _image(k, size=16), (age, sex, site), background, ENCODER, level_index)
+            expected_output = (on_face if site == "face" else elsewhere)[level]
+            expected_base = face_share * on_face[level] + (1 - face_share) * elsewhere[level]
+            where = (site, level, result)
+            assert result["output"] == pytest.approx(expected_output, abs=1e-5), where
+            assert result["base_value"] == pytest.approx(expected_base, abs=1e-5), where
+            # One variable matters: it carries the whole difference from the background's mean...
+            assert result["values"]["localization"] == pytest.approx(expected_output - expected_base, abs=1e-5), where
+            # ...and the variables the model ignores get nothing.
+            assert abs(result["values"]["age"]) < 1e-6 and abs(result["values"]["sex"]) < 1e-6, where
+            # Directionally: a face raises high risk and lowers low risk; any other site the reverse.
+            if level != "moderate":
+                raises = (site == "face") == (level == "high")
+                assert (result["values"]["localization"] > 0.01) == raises, where
 
 
 def test_shap_is_deterministic_for_a_seed(risk_model):
