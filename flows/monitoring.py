@@ -112,8 +112,10 @@ def monitoring_flow(
         summary_path = monitor_batch(
             batch, reference, model, out_dir, params_file, overrides, run_id, images_dir, retrain
         )
-    except BaseException:
-        finish_monitoring_run(run_id, "FAILED")
+    except BaseException as exc:
+        from tasks.tracking import ending_status
+
+        finish_monitoring_run(run_id, ending_status(exc))  # KILLED on Ctrl-C or termination
         raise
     finish_monitoring_run(run_id, "FINISHED")
     summary = publish_drift_summary(summary_path)

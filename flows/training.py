@@ -10,6 +10,7 @@ from prefect import flow
 
 from tasks import paths
 from tasks import prefect_tasks as t
+from tasks.tracking import ending_status
 from tasks.workspace_lock import workspace_lock
 
 
@@ -41,7 +42,7 @@ def training_pipeline(
             t.explain(model_path, processed_dir, reports_dir, params_file, overrides, run_id)
             t.reference_profile(model_path, processed_dir, raw_dir, model_dir, params_file, overrides, run_id)
             model_uri = t.register(model_path, processed_dir, model_dir, reports_dir, run_id)
-        except BaseException:
-            t.finish_tracking(run_id, "FAILED")
+        except BaseException as exc:
+            t.finish_tracking(run_id, ending_status(exc))  # KILLED on Ctrl-C or termination
             raise
     return {"run_id": run_id, "model_uri": model_uri, "data": source, **metrics}

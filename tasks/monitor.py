@@ -907,10 +907,12 @@ def monitor_batch(
     if not batch.exists():  # before a monitoring run is opened for it
         raise DataError(f"batch {batch} not found: give a folder of images (with metadata) or a cases CSV")
     reference = ReferenceProfile.load(reference_path)
+    from tasks.tracking import owned_run
+
     owns_run = run_id is None and track
     if owns_run:
         run_id = start_monitoring_run(batch, reference_path, params)
-    try:
+    with owned_run(run_id if owns_run else None):
         bundle = _resolve_bundle(model, reference)
         fingerprint = model_fingerprint(bundle.model)
         if fingerprint != reference.meta.get("model_fingerprint"):
@@ -989,16 +991,6 @@ def monitor_batch(
 
         if run_id:
             _log_to_mlflow(run_id, summary, out_dir)
-    except BaseException:
-        if owns_run and run_id:
-            from tasks.tracking import end_run
-
-            end_run(run_id, "FAILED")
-        raise
-    if owns_run and run_id:
-        from tasks.tracking import end_run
-
-        end_run(run_id)
     return MonitorResult(
         summary_path=str(out_dir / SUMMARY_FILE),
         report_html=str(out_dir / REPORT_HTML),

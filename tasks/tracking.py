@@ -414,16 +414,44 @@ def working_on(run_id: str | None) -> Iterator[None]:
         mlflow_client.set_tag(run_id, key, value)
     try:
         yield
-    except (KeyboardInterrupt, SystemExit):
-        _end_quietly(run_id, "KILLED")
-        raise
-    except BaseException:
-        _end_quietly(run_id, "FAILED")
+    except BaseException as exc:
+        _end_quietly(run_id, ending_status(exc))
         raise
     try:
         mlflow_client.set_tag(run_id, PID_TAG, "")
     except Exception:  # the stage's work is done and logged (or spooled): a lost tag must not fail it
         log.warning("could not mark MLflow run %s idle", run_id, exc_info=True)
+
+
+def ending_status(exc: BaseException) -> str:
+    """The status a run ends with when ``exc`` stops its work: KILLED for an interruption (Ctrl-C,
+    SIGTERM as SystemExit, a Prefect termination or cancellation), FAILED for anything else.
+
+    The one rule for every run: the CLI stages (:func:`working_on`), the Prefect flows and the
+    monitoring runs."""
+    interrupted: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit)
+    try:
+        from prefect.exceptions import CancelledRun, TerminationSignal
+
+        interrupted += (TerminationSignal, CancelledRun)
+    except ImportError:  # the served model's environment has no Prefect
+        pass
+    return "KILLED" if isinstance(exc, interrupted) else "FAILED"
+
+
+@contextlib.contextmanager
+def owned_run(run_id: str | None) -> Iterator[None]:
+    """Work inside a run this code opened and ends: FINISHED on success, else
+    :func:`ending_status` (nothing without a run id)."""
+    if not run_id:
+        yield
+        return
+    try:
+        yield
+    except BaseException as exc:
+        _end_quietly(run_id, ending_status(exc))
+        raise
+    end_run(run_id)
 
 
 def _end_quietly(run_id: str, status: str) -> None:

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from prefect.exceptions import TerminationSignal
 
 from tasks import tracking
 
@@ -56,6 +57,34 @@ def test_a_stage_that_fails_or_is_interrupted_ends_its_run(mlflow_store, error, 
     with pytest.raises(error), tracking.working_on(run_id):
         raise error()
     assert _status(run_id) == status
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(None, "FINISHED"), (ValueError, "FAILED"), (KeyboardInterrupt, "KILLED"), (TerminationSignal, "KILLED")],
+)
+def test_an_owned_run_ends_finished_failed_or_killed(mlflow_store, error, status):
+    """The monitoring runs and the Prefect flows end their runs by the same rule as the CLI stages."""
+    run_id = tracking.start_run("owned", {}, {})
+    if error is None:
+        with tracking.owned_run(run_id):
+            pass
+    else:
+        instance = error(signal.SIGTERM) if error is TerminationSignal else error()
+        with pytest.raises(error), tracking.owned_run(run_id):
+            raise instance
+    assert _status(run_id) == status
+
+
+def test_the_flows_end_their_runs_by_the_shared_rule():
+    """flows/training.py and flows/monitoring.py once ended every run FAILED, Ctrl-C included."""
+    import inspect
+
+    from flows import monitoring, training
+
+    for flow in (training.training_pipeline, monitoring.monitoring_flow):
+        source = inspect.getsource(flow.fn)
+        assert "ending_status(exc)" in source and '"FAILED"' not in source, flow.name
 
 
 def test_sigterm_ends_a_stage_s_run_killed(mlflow_store, tmp_path):
