@@ -154,3 +154,17 @@ def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, m
         (tmp_path / "bad.csv").write_bytes(content)
         with pytest.raises(DataError, match="not a readable cases CSV"):
             triage(bundle, tmp_path / "bad.csv", images, tmp_path / "queue.csv")
+
+
+def test_the_ece_gate_measures_over_evaluate_s_bins(trained, learnable):
+    """The gate's ECE is the one metrics.json reports: over ``evaluate.calibration_bins`` bins."""
+    from tasks.evaluate import load_bundle
+    from tasks.promote import evaluation_cases, model_figures
+
+    out, result, _ = trained
+    processed, raw = learnable / "processed", learnable / "raw"
+    bundle = load_bundle(result.model_path, processed, out / "models")
+    cases, paths = evaluation_cases(processed, raw)
+    fifteen = model_figures(bundle, cases, paths, GATES)["ece"]
+    three = model_figures(bundle, cases, paths, GATES, calibration_bins=3)["ece"]
+    assert three != pytest.approx(fifteen)
