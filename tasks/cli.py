@@ -388,8 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable, help_text: str, parent=commands) -> argparse.ArgumentParser:
-        sub = parent.add_parser(name, help=help_text, description=help_text)
+    def add(
+        name: str, handler: Callable, help_text: str, parent=commands, aliases: Sequence[str] = ()
+    ) -> argparse.ArgumentParser:
+        sub = parent.add_parser(name, help=help_text, description=help_text, aliases=list(aliases))
         _common(sub)
         sub.set_defaults(handler=handler)
         return sub
@@ -515,7 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--model-dir", default=str(paths.MODELS_DIR), help="default: %(default)s")
 
     reference = add(
-        "monitor-reference", cmd_monitor_reference, "build the training reference profile for drift monitoring"
+        "reference",
+        cmd_monitor_reference,
+        "build the training reference profile for drift monitoring (the dvc.yaml stage of that name)",
+        aliases=["monitor-reference"],
     )
     reference.add_argument("--model", default=str(paths.MODELS_DIR / "model.keras"), help="default: %(default)s")
     reference.add_argument("--processed-dir", default=str(paths.PROCESSED_DIR), help="default: %(default)s")

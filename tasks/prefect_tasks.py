@@ -20,6 +20,26 @@ def _params(params_file: str, overrides: list[str]) -> Params:
     return load_params(params_file, overrides)
 
 
+def mlflow_link(run_id: str, model: tuple[str, str] | None = None) -> str:
+    """Markdown naming the MLflow run (and a registered model version), as links into the MLflow
+    UI when the tracking store is a server; with a local store, how to open the UI."""
+    from tasks.tracking import client, tracking_uri
+
+    uri = tracking_uri().rstrip("/")
+    experiment = client().get_run(run_id).info.experiment_id
+    served = uri.startswith(("http://", "https://"))
+    ui = uri if served else "http://127.0.0.1:5000"
+    run = f"[run {run_id[:8]}]({ui}/#/experiments/{experiment}/runs/{run_id})"
+    version = f", [{model[0]} version {model[1]}]({ui}/#/models/{model[0]}/versions/{model[1]})" if model else ""
+    where = "" if served else f" (local store {uri}: open it with `make mlflow-ui`)"
+    return f"MLflow: {run}{version}{where}"
+
+
+def rounded(value, digits: int = 4):
+    """A figure as a person reads it in an artifact table (ints and text unchanged)."""
+    return round(value, digits) if isinstance(value, float) else value
+
+
 def retry_unless_unreachable(task, task_run, state) -> bool:
     """Retry a failed tracking task, except when the server is down: that fails the run at once."""
     from tasks.tracking import TrackingUnavailable
@@ -49,7 +69,7 @@ def ensure_data(raw_dir: str, synthetic_dir: str, params_file: str, overrides: l
     return ensure_imported(Path(raw_dir), Path(synthetic_dir), _params(params_file, overrides).data)
 
 
-@task(name="validate", cache_policy=NO_CACHE)
+@task(name="validate", task_run_name="validate {raw_dir}", cache_policy=NO_CACHE)
 def validate(raw_dir: str, reports_dir: str, params_file: str, overrides: list[str]) -> str:
     from tasks.validate import validate_raw
 
@@ -57,7 +77,7 @@ def validate(raw_dir: str, reports_dir: str, params_file: str, overrides: list[s
     return str(summary.report_json)
 
 
-@task(name="preprocess", cache_policy=NO_CACHE)
+@task(name="preprocess", task_run_name="preprocess {raw_dir}", cache_policy=NO_CACHE)
 def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params_file: str, overrides: list[str]) -> str:
     from tasks.preprocess import format_counts
     from tasks.preprocess import preprocess as run_preprocess
@@ -94,7 +114,9 @@ def start_tracking(raw_dir: str, reports_dir: str, params_file: str, overrides: 
     )
 
 
-@task(name="train", cache_policy=NO_CACHE, retries=1)  # a retry resumes from the last checkpoint
+@task(
+    name="train", task_run_name="train run {run_id:.8}", cache_policy=NO_CACHE, retries=1
+)  # a retry resumes from the last checkpoint
 def train(
     processed_dir: str,
     model_dir: str,
@@ -115,7 +137,7 @@ def train(
     return result.model_path
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name="evaluate run {run_id:.8}", cache_policy=NO_CACHE)
 def evaluate(
     model_path: str,
     processed_dir: str,
@@ -136,12 +158,14 @@ def evaluate(
         _params(params_file, overrides).evaluate,
         run_id=run_id,
     )
-    rows = [{"metric": name, "value": value} for name, value in headline_figures(metrics).items()]
-    create_table_artifact(key="skinrisk-test-metrics", table=rows, description="Test-split figures of this run")
+    rows = [{"metric": name, "value": rounded(value)} for name, value in headline_figures(metrics).items()]
+    create_table_artifact(
+        key="skinrisk-test-metrics", table=rows, description=f"Test-split figures of this run. {mlflow_link(run_id)}"
+    )
     return headline_figures(metrics)
 
 
-@task(name="explain", cache_policy=NO_CACHE)
+@task(name="explain", task_run_name="explain run {run_id:.8}", cache_policy=NO_CACHE)
 def explain(
     model_path: str, processed_dir: str, reports_dir: str, params_file: str, overrides: list[str], run_id: str
 ) -> str:
@@ -154,7 +178,7 @@ def explain(
     return str(out)
 
 
-@task(name="reference-profile", cache_policy=NO_CACHE)
+@task(name="reference", task_run_name="reference run {run_id:.8}", cache_policy=NO_CACHE)
 def reference_profile(
     model_path: str,
     processed_dir: str,
@@ -177,7 +201,13 @@ def reference_profile(
     return str(out)
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    name="register",
+    task_run_name="register run {run_id:.8}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+)
 def register(model_path: str, processed_dir: str, model_dir: str, reports_dir: str, run_id: str) -> str:
     from tasks.runs import register_pipeline_model
 
@@ -187,12 +217,19 @@ def register(model_path: str, processed_dir: str, model_dir: str, reports_dir: s
     create_markdown_artifact(
         key="skinrisk-registration",
         markdown=f"Registered **{registration.name}** version {registration.version} as "
-        f"`@{registration.alias}` (run `{run_id}`).",
+        f"`@{registration.alias}` (`{registration.model_uri}`).\n\n"
+        + mlflow_link(run_id, (registration.name, str(registration.version))),
     )
     return registration.model_uri
 
 
-@task(name="finish-tracking", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+@task(
+    name="finish-tracking",
+    task_run_name="finish run {run_id:.8} {status}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+)
 def finish_tracking(run_id: str, status: str) -> None:
     from tasks.tracking import end_run
 

@@ -13,7 +13,8 @@ COMMANDS = [
     ["evaluate"],
     ["register"],
     ["explain"],
-    ["monitor-reference"],
+    ["reference"],
+    ["monitor-reference"],  # the alias it had
     ["monitor"],
     ["triage"],
     ["registry", "show"],

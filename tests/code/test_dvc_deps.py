@@ -96,3 +96,15 @@ def test_the_stages_that_log_to_the_run_come_before_register_closes_it() -> None
     deps = set(STAGES["register"]["deps"])
     for stage in ("train", "evaluate", "explain", "reference"):
         assert _outs(stage) & deps, f"nothing orders {stage} before register"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_a_stage_has_one_name_in_dvc_the_cli_and_prefect(stage: str) -> None:
+    from prefect import Task
+
+    from tasks import prefect_tasks
+
+    command = shlex.split(STAGES[stage]["cmd"])
+    assert command[0] == "skinrisk" and stage in command[1:3], f"dvc stage {stage!r} runs {command}"
+    names = {task.name for task in vars(prefect_tasks).values() if isinstance(task, Task)}
+    assert stage in names, f"no Prefect task named {stage!r} (tasks: {sorted(names)})"
