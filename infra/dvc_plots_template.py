@@ -43,9 +43,13 @@ PAGE = """<!DOCTYPE html>
 
 def minified_build(package: str, version: str, workdir: Path) -> str:
     """``build/<package>.min.js`` of ``package@version``, fetched with ``npm pack``."""
-    name = subprocess.run(
-        ["npm", "pack", f"{package}@{version}", "--silent"], cwd=workdir, check=True, capture_output=True, text=True
-    ).stdout.strip().splitlines()[-1]
+    name = (
+        subprocess.run(
+            ["npm", "pack", f"{package}@{version}", "--silent"], cwd=workdir, check=True, capture_output=True, text=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     with tarfile.open(workdir / name) as archive:
         member = archive.extractfile(f"package/build/{package}.min.js")
         assert member is not None, f"{package}@{version} has no build/{package}.min.js"
