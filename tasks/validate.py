@@ -1,10 +1,18 @@
 """The validate stage: check the canonical raw layout with Great Expectations before anything uses it.
 
-``raw_dir/metadata.csv`` is checked as written (every cell a string) against the HAM10000 schema,
-and every listed image is opened and fully decoded, in parallel, into a per-image table that is
-checked the same way. Both reports (``validation.json`` for machines and DVC, ``validation.md``
-for people) are written atomically on success *and* on failure, then :class:`ValidationFailed`
-says what failed and where.
+The expectations live in the Great Expectations project at the repository root, ``gx/``: one
+suite, validation definition and checkpoint per table this stage builds from ``raw_dir``:
+
+- ``raw_metadata``: ``metadata.csv`` as written (every cell a string), indexed by file line number;
+- ``raw_ages``: its ages parsed to numbers, for the range check;
+- ``raw_images``: every listed image, opened and fully decoded in parallel (exists, decodes, mode,
+  width, height), plus every unlisted file in ``images/``.
+
+Each checkpoint runs on a throwaway copy of ``gx/`` (so the committed project is only read, and two
+runs never share GX state), and what GX writes (its validation results and the Data Docs site)
+replaces ``reports_dir/gx/``. Both reports (``validation.json`` for machines and DVC,
+``validation.md`` for people) are written atomically on success *and* on failure, then
+:class:`ValidationFailed` says what failed and where.
 
 Image files in ``images/`` that the metadata does not list are reported as a **warning**, not a
 failure: every later stage reads only listed images, so a stray file cannot leak into training,
@@ -20,26 +28,26 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from string import Template
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from PIL import Image, ImageFile
 
 from tasks.atomic import write_json, write_text
 from tasks.errors import DataError
 from tasks.schema import (
-    AGE_RANGE,
-    DIAGNOSES,
-    DX_TYPES,
-    LOCALIZATIONS,
-    METADATA_COLUMNS,
     RAW_IMAGES_DIR,
     RAW_METADATA_FILE,
-    SEXES,
     raw_image_path,
 )
 from tasks.shards import progress
@@ -51,6 +59,8 @@ if TYPE_CHECKING:
 
 REPORT_JSON = "validation.json"
 REPORT_MARKDOWN = "validation.md"
+GX_PROJECT = Path(__file__).resolve().parents[1] / "gx"  # the committed Great Expectations project
+GX_OUTPUT = "gx"  # reports_dir/gx/: GX's uncommitted/ of the last validation (results, Data Docs)
 
 # Blank (age unknown, as in the published table) or a plain decimal number such as 45 or 45.0.
 AGE_PATTERN = r"^$|^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$"  # non-capturing: pandas warns on groups
@@ -72,11 +82,13 @@ class ExpectationFailure:
 
 
 class ValidationFailed(DataError):
-    """The raw data broke at least one expectation; ``failures`` lists them all."""
+    """The raw data broke at least one expectation; ``failures`` lists them all, ``data_docs`` is
+    the index page of the Data Docs that show them."""
 
-    def __init__(self, message: str, failures: list[ExpectationFailure]) -> None:
+    def __init__(self, message: str, failures: list[ExpectationFailure], data_docs: Path | None = None) -> None:
         super().__init__(message)
         self.failures = failures
+        self.data_docs = data_docs
 
 
 @dataclass(frozen=True)
@@ -91,30 +103,31 @@ class ValidationSummary:
     report_markdown: Path
     # Warning-level findings (image files not listed in the metadata): reported, never fatal.
     warnings: list[ExpectationFailure] = field(default_factory=list)
+    # The Great Expectations Data Docs of this validation: index.html under reports_dir/gx/.
+    data_docs: Path | None = None
 
 
 @dataclass(frozen=True)
 class _Check:
-    """One expectation plus what a person needs to read its outcome."""
+    """One expectation of a saved suite, as the reports name it."""
 
-    target: str
+    target: str  # "metadata" or "images"
     column: str | None
     description: str
-    expectation: Any  # a great_expectations Expectation; typed loosely to keep GX import lazy
+    expectation: str  # the Great Expectations type
 
 
 @dataclass(frozen=True)
 class _Outcome:
     check: _Check
     status: str  # "passed", "failed", "warning" or "skipped"
-    expectation: str
     unexpected_count: int
     examples: list[str]
 
     def as_failure(self) -> ExpectationFailure:
         return ExpectationFailure(
             target=self.check.target,
-            expectation=self.expectation,
+            expectation=self.check.expectation,
             column=self.check.column,
             description=self.check.description,
             unexpected_count=self.unexpected_count,
@@ -208,173 +221,26 @@ def unlisted_image_files(raw_dir: Path, image_ids: set[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Table:
+    """One table this stage builds, and the checkpoint of ``gx/`` that validates it (its suite,
+    validation definition and data asset carry the same name)."""
+
+    checkpoint: str
+    target: str  # how the reports name it
+
+
+_METADATA = _Table("raw_metadata", "metadata")
+_AGES = _Table("raw_ages", "metadata")
+_IMAGES = _Table("raw_images", "images")
+
+
 def _gx() -> Any:
     """Import Great Expectations with its usage analytics off (no network here, no telemetry)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
 
     return gx
-
-
-def _gx_context() -> Any:
-    """A fresh in-memory context: nothing is written to disk, nothing leaks between runs."""
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = _gx().get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep CLI output clean
-    return context
-
-
-def _run_checks(
-    context: Any, name: str, frame: pd.DataFrame, checks: list[_Check], max_examples: int
-) -> list[tuple[_Check, Any]]:
-    """Validate ``frame`` against ``checks``; returns each check with its GX result.
-
-    Example rows are taken from ``partial_unexpected_index_list``, i.e. the frame's index: the
-    callers index their frames with what a person should be told (metadata: file line numbers),
-    which works even when the ``image_id`` column itself is missing, unlike
-    ``unexpected_index_column_names``.
-    """
-    gx = _gx()
-    batch_definition = (
-        context.data_sources.add_pandas(name=name)
-        .add_dataframe_asset(name=name)
-        .add_batch_definition_whole_dataframe(name)
-    )
-    batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
-    for position, check in enumerate(checks):
-        check.expectation.meta = {"check": position}  # GX may reorder results; meta comes back
-    suite = gx.ExpectationSuite(name=name, expectations=[c.expectation for c in checks])
-    result = batch.validate(
-        suite,
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": max_examples},
-    )
-    by_position = {r.expectation_config.meta["check"]: r for r in result.results}
-    return [(check, by_position[position]) for position, check in enumerate(checks)]
-
-
-def _metadata_checks() -> list[_Check]:
-    """The HAM10000 schema as expectations on the raw (all-string) metadata table."""
-    expect = _gx().expectations
-    checks = [
-        _Check(
-            "metadata",
-            None,
-            f"columns are exactly {', '.join(METADATA_COLUMNS)}",
-            expect.ExpectTableColumnsToMatchSet(column_set=list(METADATA_COLUMNS), exact_match=True),
-        ),
-        _Check("metadata", None, "at least one row", expect.ExpectTableRowCountToBeBetween(min_value=1)),
-    ]
-    for column in ("image_id", "lesion_id"):
-        checks += [
-            _Check(
-                "metadata",
-                column,
-                f"{column} is present",
-                expect.ExpectColumnValuesToNotBeNull(column=column),
-            ),
-            _Check(
-                "metadata",
-                column,
-                f"{column} is not blank",
-                expect.ExpectColumnValuesToMatchRegex(column=column, regex=r"\S"),
-            ),
-        ]
-    checks.append(
-        _Check(
-            "metadata",
-            "image_id",
-            "image_id is unique (one row per image)",
-            expect.ExpectColumnValuesToBeUnique(column="image_id"),
-        )
-    )
-    for column, vocabulary in (
-        ("dx", DIAGNOSES),
-        ("dx_type", DX_TYPES),
-        ("sex", SEXES),
-        ("localization", LOCALIZATIONS),
-    ):
-        checks.append(
-            _Check(
-                "metadata",
-                column,
-                f"{column} is one of: {', '.join(vocabulary)}",
-                expect.ExpectColumnValuesToBeInSet(column=column, value_set=list(vocabulary)),
-            )
-        )
-    checks.append(
-        _Check(
-            "metadata",
-            "age",
-            "age is blank or a number of years",
-            expect.ExpectColumnValuesToMatchRegex(column="age", regex=AGE_PATTERN),
-        )
-    )
-    return checks
-
-
-def _age_checks() -> list[_Check]:
-    """The age range, checked on the ages parsed to numbers (blank and non-numbers are null)."""
-    low, high = AGE_RANGE
-    expect = _gx().expectations
-    return [
-        _Check(
-            "metadata",
-            "age",
-            f"age is between {low:g} and {high:g} years",
-            expect.ExpectColumnValuesToBeBetween(column="age", min_value=low, max_value=high),
-        )
-    ]
-
-
-def _image_checks(params: ValidateParams) -> list[_Check]:
-    """Expectations on the per-image table built by :func:`inspect_images`."""
-    expect = _gx().expectations
-    low, high = params.min_image_side, params.max_image_side
-    return [
-        _Check(
-            "images",
-            "exists",
-            f"each listed image exists as {RAW_IMAGES_DIR}/<image_id>.jpg",
-            expect.ExpectColumnValuesToBeInSet(column="exists", value_set=[True]),
-        ),
-        _Check(
-            "images",
-            "decodes",
-            "each image decodes completely (not corrupt, not truncated)",
-            expect.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
-        ),
-        _Check(
-            "images",
-            "mode",
-            "each image is 3-channel RGB (not greyscale, RGBA or CMYK)",
-            expect.ExpectColumnValuesToBeInSet(column="mode", value_set=["RGB"]),
-        ),
-        _Check(
-            "images",
-            "width",
-            f"width is between {low} and {high} pixels",
-            expect.ExpectColumnValuesToBeBetween(column="width", min_value=low, max_value=high),
-        ),
-        _Check(
-            "images",
-            "height",
-            f"height is between {low} and {high} pixels",
-            expect.ExpectColumnValuesToBeBetween(column="height", min_value=low, max_value=high),
-        ),
-    ]
-
-
-def _unlisted_checks() -> list[_Check]:
-    expect = _gx().expectations
-    return [
-        _Check(
-            "images",
-            "listed",
-            f"every file in {RAW_IMAGES_DIR}/ is listed in {RAW_METADATA_FILE} (warning only)",
-            expect.ExpectColumnValuesToBeInSet(column="listed", value_set=[True], severity="warning"),
-        )
-    ]
 
 
 def _exception_message(info: Any) -> str | None:
@@ -386,12 +252,100 @@ def _exception_message(info: Any) -> str | None:
     return next(filter(None, (_exception_message(value) for value in info.values())), None)
 
 
+def _run_checkpoints(
+    frames: dict[_Table, pd.DataFrame], parameters: dict[str, Any], max_examples: int, reports_dir: Path
+) -> tuple[dict[_Table, Any], dict[_Table, list[Any]], Path]:
+    """Run each table's checkpoint; returns its suite validation result, the suite's expectations
+    (in the suite's order) and the Data Docs index, which lies under ``reports_dir/gx/``.
+
+    GX runs on a copy of ``gx/`` in a scratch folder inside ``reports_dir``: the committed project
+    is only read, concurrent runs share nothing, and the new ``reports_dir/gx/`` moves in by
+    renames on the same filesystem. Example rows come from ``partial_unexpected_index_list``, i.e.
+    the frame's index: the callers index their frames with what a person should be told
+    (metadata: file line numbers), which works even when the ``image_id`` column is missing.
+    """
+    gx = _gx()
+    from great_expectations.core.run_identifier import RunIdentifier
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    reports_dir = reports_dir.resolve()  # GX hands back absolute paths to compare with
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".gx-", dir=reports_dir))
+    try:
+        project = Path(shutil.copytree(GX_PROJECT, scratch / "gx", ignore=shutil.ignore_patterns("uncommitted")))
+        context = gx.get_context(mode="file", project_root_dir=scratch)
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep CLI output clean
+        run_id = RunIdentifier(run_name="skinrisk-validate")  # one run: Data Docs list its tables together
+        results, expectations = {}, {}
+        for table, frame in frames.items():
+            checkpoint = context.checkpoints.get(table.checkpoint)
+            checkpoint.result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max_examples}
+            outcome = checkpoint.run(
+                batch_parameters={"dataframe": frame}, expectation_parameters=parameters, run_id=run_id
+            )
+            (results[table],) = outcome.run_results.values()
+            (definition,) = checkpoint.validation_definitions
+            expectations[table] = definition.suite.expectations
+        # Once for the three checkpoints (an UpdateDataDocsAction on each would render it thrice).
+        context.build_data_docs()
+        written = project / "uncommitted"
+        site = Path(url2pathname(urlparse(context.get_docs_sites_urls()[0]["site_url"]).path))
+        _add_static_index(site, {t.checkpoint: _verdict(r) for t, r in results.items()})
+        (written / "config_variables.yml").unlink(missing_ok=True)
+        output = reports_dir / GX_OUTPUT
+        with contextlib.suppress(FileNotFoundError):
+            output.rename(scratch / "previous")
+        written.rename(output)
+        return results, expectations, output / site.relative_to(written)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _verdict(result: Any) -> str:
+    """A suite's outcome as this stage counts it: warning-severity expectations never fail it."""
+    broken = {r.expectation_config.severity.value for r in result.results if not r.success}
+    return "FAILED" if broken - {"warning"} else "passed with warnings" if broken else "passed"
+
+
+def _add_static_index(index: Path, verdicts: dict[str, str]) -> None:
+    """Add a plain list of this run's pages to GX's Data Docs index page.
+
+    GX's index draws its tables with jQuery and bootstrap-table from CDNs, so offline it is empty
+    (the result and suite pages are static HTML, readable unstyled). The list hides itself when
+    those scripts did load.
+    """
+    site = index.parent
+    items = []
+    for suite, verdict in verdicts.items():
+        for page in sorted(site.glob(f"validations/{suite}/**/*.html")):
+            items.append(f'<li><a href="{page.relative_to(site).as_posix()}">{suite}</a>: {verdict}</li>')
+    suites = [
+        f'<a href="{p.relative_to(site).as_posix()}">{p.stem}</a>' for p in sorted(site.glob("expectations/*.html"))
+    ]
+    block = (
+        '<div id="skinrisk-static-index" style="margin: 1em 3em">'
+        "<p>Validation results of this run:</p>"
+        f"<ul>{''.join(items)}</ul><p>Expectation suites: {', '.join(suites)}</p></div>"
+        '<script>if (window.jQuery) document.getElementById("skinrisk-static-index").hidden = true;</script>'
+    )
+    html = index.read_text(encoding="utf-8")
+    body = re.search(r"<body[^>]*>", html)
+    at = body.end() if body else 0
+    index.write_text(html[:at] + block + html[at:], encoding="utf-8")
+
+
+def _check(table: _Table, config: Any, parameters: dict[str, Any]) -> _Check:
+    """How the reports name one saved expectation; ``$name`` in its description is a parameter."""
+    description = Template(config.description or config.type).safe_substitute(parameters)
+    return _Check(table.target, config.kwargs.get("column"), description, config.type)
+
+
 def _outcome(check: _Check, result: Any, example: Callable[[str | None, Any], str]) -> _Outcome:
     """Turn one GX result into counts and readable examples."""
-    kind = result.expectation_config.type
+    kind = check.expectation
     details = result.result or {}
     if result.success:
-        return _Outcome(check, "passed", kind, 0, [])
+        return _Outcome(check, "passed", 0, [])
     status = "warning" if result.expectation_config.severity.value == "warning" else "failed"
     if kind == "expect_table_columns_to_match_set":
         mismatched = details.get("details", {}).get("mismatched", {})
@@ -399,13 +353,43 @@ def _outcome(check: _Check, result: Any, example: Callable[[str | None, Any], st
         examples += [f"unexpected column {c!r}" for c in mismatched.get("unexpected", [])]
         count = len(examples)
         examples.append(f"found columns: {', '.join(map(str, details.get('observed_value', [])))}")
-        return _Outcome(check, status, kind, count, examples)
+        return _Outcome(check, status, count, examples)
     if "unexpected_count" not in details:  # table-level (the row count) or GX itself failed
         error = _exception_message(result.exception_info)
         observed = f"error: {error}" if error else f"observed: {details.get('observed_value')}"
-        return _Outcome(check, status, kind, 1, [observed])
+        return _Outcome(check, status, 1, [observed])
     examples = [example(check.column, index) for index in details.get("partial_unexpected_index_list", [])]
-    return _Outcome(check, status, kind, int(details["unexpected_count"]), examples)
+    return _Outcome(check, status, int(details["unexpected_count"]), examples)
+
+
+def _skipped(check: _Check, missing_column: str) -> _Outcome:
+    reason = f"not evaluated: column {missing_column!r} is missing from {RAW_METADATA_FILE}"
+    return _Outcome(check, "skipped", 0, [reason])
+
+
+def _outcomes(
+    table: _Table,
+    frame: pd.DataFrame,
+    result: Any,
+    expectations: list[Any],
+    parameters: dict[str, Any],
+    describe: Callable[[str | None, Any], str],
+    missing: str | None = None,
+) -> list[_Outcome]:
+    """Outcomes in the suite's order (GX may reorder results). An expectation on a column the
+    frame lacks is reported as skipped (GX records it as an error), as are all but ``listed`` on
+    the images table when the metadata has no image ids (``missing``)."""
+    by_id = {r.expectation_config.id: r for r in result.results}
+    outcomes = []
+    for expectation in expectations:
+        check = _check(table, by_id[expectation.id].expectation_config, parameters)
+        if missing and check.column != "listed":
+            outcomes.append(_skipped(check, missing))
+        elif check.column is not None and check.column not in frame.columns:
+            outcomes.append(_skipped(check, check.column))
+        else:
+            outcomes.append(_outcome(check, by_id[expectation.id], describe))
+    return outcomes
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +443,7 @@ def _report_payload(
     counts: dict[str, int],
     outcomes: list[_Outcome],
     error: str | None = None,
+    data_docs: Path | None = None,
 ) -> dict[str, Any]:
     """The machine-readable report; no timestamps, so an unchanged input gives the same file."""
     failed = [o for o in outcomes if o.status == "failed"]
@@ -467,6 +452,7 @@ def _report_payload(
         "raw_dir": str(raw_dir),
         "fingerprint": raw_fingerprint(raw_dir),
         "error": error,
+        "data_docs": str(data_docs) if data_docs else None,  # GX's Data Docs index of this validation
         "params": params.model_dump(exclude={"workers"}),  # workers cannot change the outcome
         "counts": {
             **counts,
@@ -480,7 +466,7 @@ def _report_payload(
             {
                 "target": o.check.target,
                 "column": o.check.column,
-                "expectation": o.expectation,
+                "expectation": o.check.expectation,
                 "description": o.check.description,
                 "status": o.status,
                 "success": {"passed": True, "skipped": None}.get(o.status, False),
@@ -506,6 +492,8 @@ def _markdown_report(payload: dict[str, Any], json_name: str) -> str:
         f"Raw data: `{payload['raw_dir']}`. Machine-readable report: `{json_name}`.",
         "",
     ]
+    if payload["data_docs"]:
+        lines += [f"Great Expectations Data Docs: `{payload['data_docs']}`.", ""]
     if payload["error"]:
         lines += [f"**Validation could not run:** {payload['error']}", ""]
     if "images" in counts:
@@ -558,20 +546,23 @@ def _write_reports(reports_dir: Path, payload: dict[str, Any]) -> tuple[Path, Pa
     return report_json, report_markdown
 
 
-def _failure_message(raw_dir: Path, outcomes: list[_Outcome], report_json: Path, report_markdown: Path) -> str:
+def _failure_message(
+    raw_dir: Path, outcomes: list[_Outcome], report_json: Path, report_markdown: Path, data_docs: Path
+) -> str:
     failed = [o for o in outcomes if o.status == "failed"]
     evaluated = sum(o.status != "skipped" for o in outcomes)
     lines = [f"raw data in {raw_dir} failed {len(failed)} of {evaluated} expectations:"]
     for o in failed:
         where = f"{o.check.target}, column {o.check.column!r}" if o.check.column else o.check.target
         lines.append(
-            f"  - {where}: {o.check.description} [{o.expectation}]: {_count_text(o.unexpected_count, o.examples)}"
+            f"  - {where}: {o.check.description} [{o.check.expectation}]: {_count_text(o.unexpected_count, o.examples)}"
         )
         lines += [f"      {example}" for example in o.examples]
     warnings = sum(o.status == "warning" for o in outcomes)
     if warnings:
         lines.append(f"plus {warnings} warning(s), listed in the reports")
     lines.append(f"reports: {report_markdown} and {report_json}")
+    lines.append(f"Data Docs: {data_docs}")
     lines.append("Fix the source data and re-import it with `skinrisk data import SOURCE`.")
     return "\n".join(lines)
 
@@ -608,29 +599,9 @@ def _numeric_ages(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"age": pd.to_numeric(table["age"], errors="coerce")}, index=table.index)
 
 
-def _skipped(check: _Check, missing_column: str) -> _Outcome:
-    reason = f"not evaluated: column {missing_column!r} is missing from {RAW_METADATA_FILE}"
-    return _Outcome(check, "skipped", check.expectation.expectation_type, 0, [reason])
-
-
-def _evaluate(
-    context: Any,
-    name: str,
-    frame: pd.DataFrame,
-    checks: list[_Check],
-    describe: Callable[[str | None, Any], str],
-    max_examples: int,
-) -> list[_Outcome]:
-    """Outcomes of ``checks`` in order; one on a column ``frame`` lacks is skipped, not crashed."""
-    runnable = [c for c in checks if c.column is None or c.column in frame.columns]
-    results = {}
-    if runnable:
-        results = {id(check): result for check, result in _run_checks(context, name, frame, runnable, max_examples)}
-    return [_outcome(c, results[id(c)], describe) if id(c) in results else _skipped(c, str(c.column)) for c in checks]
-
-
-def _image_frames(raw_dir: Path, table: pd.DataFrame, workers: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The per-image table of listed images, and the files in images/ that are not listed."""
+def _images_frame(raw_dir: Path, table: pd.DataFrame, workers: int) -> pd.DataFrame:
+    """One row per listed image as inspected (``listed`` true), then one per file in images/ that
+    is not listed (``listed`` false, the rest null: GX skips nulls in column expectations)."""
     import pandas as pd
 
     image_ids: list[str] = []
@@ -639,21 +610,13 @@ def _image_frames(raw_dir: Path, table: pd.DataFrame, workers: int) -> tuple[pd.
         image_ids = list(dict.fromkeys(i for i in table["image_id"] if isinstance(i, str) and i))
     images = pd.DataFrame.from_records(
         inspect_images(raw_dir, image_ids, workers),
-        columns=[
-            "image_id",
-            "file",
-            "exists",
-            "decodes",
-            "mode",
-            "channels",
-            "width",
-            "height",
-            "error",
-        ],
+        columns=["image_id", "file", "exists", "decodes", "mode", "channels", "width", "height", "error"],
     )
     unlisted = [f"{RAW_IMAGES_DIR}/{name}" for name in unlisted_image_files(raw_dir, set(image_ids))]
     files = pd.DataFrame({"file": unlisted, "listed": [False] * len(unlisted)})
-    return images, files
+    if files.empty:  # concat warns about empty frames
+        return images.assign(listed=True)
+    return pd.concat([images.assign(listed=True), files], ignore_index=True)
 
 
 def raw_fingerprint(raw_dir: Path) -> str:
@@ -716,50 +679,41 @@ def validate_raw(raw_dir: Path, reports_dir: Path, params: ValidateParams) -> Va
     except DataError as exc:
         _write_reports(reports_dir, _report_payload(raw_dir, params, {}, [], error=str(exc)))
         raise
-    images, files = _image_frames(raw_dir, table, params.workers)
+    images = _images_frame(raw_dir, table, params.workers)
 
-    context = _gx_context()
+    parameters = {"min_image_side": params.min_image_side, "max_image_side": params.max_image_side}
+    frames = {_METADATA: table, _AGES: _numeric_ages(table), _IMAGES: images}
+    results, expectations, data_docs = _run_checkpoints(frames, parameters, params.max_examples, reports_dir)
     describe_row = _metadata_example(table)
-    outcomes = _evaluate(context, "metadata", table, _metadata_checks(), describe_row, params.max_examples)
-    outcomes += _evaluate(
-        context,
-        "metadata_age",
-        _numeric_ages(table),
-        _age_checks(),
-        describe_row,
-        params.max_examples,
-    )
-    if "image_id" in table.columns:
-        outcomes += _evaluate(
-            context,
-            "images",
-            images,
-            _image_checks(params),
-            _image_example(images),
-            params.max_examples,
+    describe = {_METADATA: describe_row, _AGES: describe_row, _IMAGES: _image_example(images)}
+    outcomes = [
+        outcome
+        for t, frame in frames.items()
+        for outcome in _outcomes(
+            t,
+            frame,
+            results[t],
+            expectations[t],
+            parameters,
+            describe[t],
+            # without ids there is no image to look for
+            missing="image_id" if t is _IMAGES and "image_id" not in table.columns else None,
         )
-    else:  # without ids there is no image to look for
-        outcomes += [_skipped(check, "image_id") for check in _image_checks(params)]
-    outcomes += _evaluate(
-        context,
-        "unlisted_files",
-        files,
-        _unlisted_checks(),
-        _image_example(files),
-        params.max_examples,
-    )
+    ]
 
     n_lesions = table["lesion_id"].replace("", None).nunique() if "lesion_id" in table else 0
     counts = {
         "images": len(table),
         "lesions": int(n_lesions),
-        "image_files_checked": len(images),
-        "unlisted_image_files": len(files),
+        "image_files_checked": int(images["listed"].sum()),
+        "unlisted_image_files": int((~images["listed"]).sum()),
     }
-    report_json, report_markdown = _write_reports(reports_dir, _report_payload(raw_dir, params, counts, outcomes))
+    payload = _report_payload(raw_dir, params, counts, outcomes, data_docs=data_docs)
+    report_json, report_markdown = _write_reports(reports_dir, payload)
     failures = [o.as_failure() for o in outcomes if o.status == "failed"]
     if failures:
-        raise ValidationFailed(_failure_message(raw_dir, outcomes, report_json, report_markdown), failures)
+        message = _failure_message(raw_dir, outcomes, report_json, report_markdown, data_docs)
+        raise ValidationFailed(message, failures, data_docs)
     return ValidationSummary(
         n_images=counts["images"],
         n_lesions=counts["lesions"],
@@ -768,4 +722,5 @@ def validate_raw(raw_dir: Path, reports_dir: Path, params: ValidateParams) -> Va
         report_json=report_json,
         report_markdown=report_markdown,
         warnings=[o.as_failure() for o in outcomes if o.status == "warning"],
+        data_docs=data_docs,
     )

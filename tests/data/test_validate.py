@@ -10,6 +10,8 @@ import csv
 import json
 import os
 import random
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -19,8 +21,17 @@ from PIL import Image
 from tasks import validate as validate_module
 from tasks.errors import DataError
 from tasks.params import ValidateParams
-from tasks.schema import DIAGNOSES, METADATA_COLUMNS, RAW_METADATA_FILE, raw_image_path
-from tasks.validate import ValidationFailed, validate_raw
+from tasks.schema import (
+    AGE_RANGE,
+    DIAGNOSES,
+    DX_TYPES,
+    LOCALIZATIONS,
+    METADATA_COLUMNS,
+    RAW_METADATA_FILE,
+    SEXES,
+    raw_image_path,
+)
+from tasks.validate import GX_PROJECT, ValidationFailed, validate_raw
 from tasks.validate import _inspect_chunk as _original_inspect_chunk
 
 # The tiny images are 40x30, so the smallest plausible side is lowered; one worker keeps the
@@ -146,6 +157,7 @@ def test_unlisted_image_file_is_a_warning_not_a_failure(raw: Path, reports: Path
         ("listed", ["images/ISIC_9999999.jpg: not listed in metadata.csv"])
     ]
     assert "## Warning: images, listed" in summary.report_markdown.read_text()
+    assert "raw_images</a>: passed with warnings" in summary.data_docs.read_text()
 
 
 # ------------------------------------------------------------------------------------ images
@@ -314,9 +326,13 @@ def test_reports_are_written_on_failure(raw: Path, reports: Path) -> None:
     assert "- line 2 (image_id ISIC_0000000): dx='xyz'" in markdown
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_a_good_report_is_replaced_only_as_a_whole(raw: Path, reports: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     validate_raw(raw, reports, PARAMS)
-    before = {p.name: p.read_bytes() for p in reports.iterdir()}
+    before = _files(reports)
     image_of(raw, 0).unlink()
 
     # A crash half-way through writing (disk full) leaves the previous reports intact...
@@ -330,11 +346,11 @@ def test_a_good_report_is_replaced_only_as_a_whole(raw: Path, reports: Path, mon
         patch.setattr(Path, "write_text", write_half_then_fail)
         with pytest.raises(OSError, match="No space left"):
             validate_raw(raw, reports, PARAMS)
-    assert {p.name: p.read_bytes() for p in reports.iterdir()} == before  # no temp files either
+    assert _files(reports) == before  # the Data Docs too, and no temp files either
 
     # ...and a completed run replaces them with the new verdict.
     fails(raw, reports)
-    assert sorted(p.name for p in reports.iterdir()) == ["validation.json", "validation.md"]
+    assert sorted(p.name for p in reports.iterdir()) == ["gx", "validation.json", "validation.md"]
     assert json.loads((reports / "validation.json").read_text())["success"] is False
 
 
@@ -404,3 +420,92 @@ def test_preprocess_runs_on_the_data_that_passed(raw, reports, tmp_path, monkeyp
     os.utime(image_of(raw, 3), (1, 1))  # the same bytes rewritten (a `dvc checkout`): still the data that passed
     assert _preprocess(raw, tmp_path, reports) == 0, capsys.readouterr().err
     assert (tmp_path / "processed" / "preprocess.json").exists()
+
+
+# ------------------------------------------------------- the Great Expectations project in gx/
+
+
+def _suite(project: Path, name: str) -> dict:
+    return json.loads((project / "expectations" / f"{name}.json").read_text())
+
+
+def _static_links(index: Path) -> dict[str, str]:
+    """The plain list the stage adds to the Data Docs index (readable offline): suite -> page."""
+    block = re.search(r'<div id="skinrisk-static-index".*?</div>', index.read_text(encoding="utf-8"), re.S)
+    assert block, "no static list of this run's pages in the Data Docs index"
+    return {suite: href for href, suite in re.findall(r'<a href="(validations/[^"]+)">(\w+)</a>', block.group(0))}
+
+
+def test_saved_suites_match_the_schema() -> None:
+    """The HAM10000 vocabularies live twice (tasks/schema.py for the code, gx/ for GX): same values."""
+    kwargs = {
+        (e["type"], e["kwargs"].get("column")): e["kwargs"] for e in _suite(GX_PROJECT, "raw_metadata")["expectations"]
+    }
+    assert kwargs[("expect_table_columns_to_match_set", None)]["column_set"] == list(METADATA_COLUMNS)
+    for column, vocabulary in (
+        ("dx", DIAGNOSES),
+        ("dx_type", DX_TYPES),
+        ("sex", SEXES),
+        ("localization", LOCALIZATIONS),
+    ):
+        assert kwargs[("expect_column_values_to_be_in_set", column)]["value_set"] == list(vocabulary), column
+    (age,) = _suite(GX_PROJECT, "raw_ages")["expectations"]
+    assert (age["kwargs"]["min_value"], age["kwargs"]["max_value"]) == AGE_RANGE
+
+
+def test_data_docs_show_the_suite_and_the_failing_expectation(raw: Path, reports: Path) -> None:
+    project_before = _files(GX_PROJECT)
+    rows = _rows()
+    rows[4]["dx"] = "xyz"
+    write_metadata(raw, rows)
+    error = fails(raw, reports)
+
+    assert failed_checks(error) == [("metadata", "dx")]
+    assert "line 6 (image_id ISIC_0000004): dx='xyz'" in str(error)
+    index = reports / "gx" / "data_docs" / "local_site" / "index.html"
+    assert error.data_docs == index and f"Data Docs: {index}" in str(error)
+    assert json.loads((reports / "validation.json").read_text())["data_docs"] == str(index)
+    links = _static_links(index)
+    assert sorted(links) == ["raw_ages", "raw_images", "raw_metadata"]
+    page = (index.parent / links["raw_metadata"]).read_text(encoding="utf-8")
+    assert "raw_metadata" in page and "dx is one of: akiec" in page and "xyz" in page
+    (result,) = (reports / "gx" / "validations" / "raw_metadata").rglob("*.json")  # GX's own format
+    failed = [
+        r["expectation_config"]["kwargs"].get("column")
+        for r in json.loads(result.read_text())["results"]
+        if not r["success"]
+    ]
+    assert failed == ["dx"]
+    assert _files(GX_PROJECT) == project_before, "the committed gx/ project is only read"
+    assert not list(reports.glob(".gx-*")), "no scratch folder left behind"
+
+
+def test_the_saved_suite_is_what_runs(
+    raw: Path, reports: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = _rows()
+    rows[4]["dx"] = "xyz"
+    write_metadata(raw, rows)
+    project = Path(shutil.copytree(GX_PROJECT, tmp_path / "gx", ignore=shutil.ignore_patterns("uncommitted")))
+    suite = _suite(project, "raw_metadata")
+    suite["expectations"] = [e for e in suite["expectations"] if e["kwargs"].get("column") != "dx"]
+    (project / "expectations" / "raw_metadata.json").write_text(json.dumps(suite))
+    monkeypatch.setattr(validate_module, "GX_PROJECT", project)
+
+    summary = validate_raw(raw, reports, PARAMS)  # the diagnosis is no longer checked
+
+    payload = json.loads(summary.report_json.read_text())
+    assert "dx" not in [e["column"] for e in payload["expectations"]]
+    assert summary.evaluated == 18  # one fewer than the committed suites
+    assert (
+        "dx is one of"
+        not in summary.data_docs.parent.joinpath(_static_links(summary.data_docs)["raw_metadata"]).read_text()
+    )
+
+
+def test_relative_folders_validate_as_the_cli_passes_them(raw: Path, tmp_path: Path, monkeypatch) -> None:
+    """`skinrisk validate` passes reports/ relative to the working folder (GX answers absolute paths)."""
+    monkeypatch.chdir(tmp_path)
+    summary = validate_raw(Path("raw"), Path("reports"), PARAMS)
+    assert Path(summary.data_docs).is_file()
+    assert Path(summary.data_docs).resolve() == (tmp_path / "reports/gx/data_docs/local_site/index.html").resolve()
