@@ -2,7 +2,8 @@
 
 Compares a batch (a HAM10000 folder or zip, or a cases CSV beside its images) with the reference
 profile built at training time, writes ``drift_report.html``/``.json`` and ``drift_summary.json``,
-logs a run to the MLflow experiment ``skinrisk-monitoring`` and, on alarm, triggers the
+adds the report to the Evidently workspace (``evidently ui --workspace reports/evidently``), logs a
+run to the MLflow experiment ``skinrisk-monitoring`` and, on alarm, triggers the
 ``monitor.retrain_deployment`` Prefect deployment. The stage logic lives in ``tasks.monitor``; the
 tasks below only parse parameters and pass paths and run ids, like ``tasks.prefect_tasks``.
 """
@@ -21,6 +22,7 @@ from tasks.params import MonitorParams, load_params
 DEFAULT_REFERENCE = str(paths.MODELS_DIR / "reference_profile.parquet")  # tasks.monitor.REFERENCE_FILE
 DEFAULT_MODEL = str(paths.MODELS_DIR / "model.keras")
 DEFAULT_OUT_DIR = str(paths.REPORTS_DIR / "monitoring")
+DEFAULT_WORKSPACE = str(paths.REPORTS_DIR / "evidently")  # every run's snapshot: the drift history
 
 
 def _monitor_params(params_file: str, overrides: list[str]) -> MonitorParams:
@@ -45,6 +47,7 @@ def monitor_batch(
     run_id: str,
     images_dir: str | None,
     retrain: bool,
+    workspace: str | None,
 ) -> str:
     from tasks.monitor import monitor_batch as run_monitor
 
@@ -57,9 +60,12 @@ def monitor_batch(
         images_dir=Path(images_dir) if images_dir else None,
         run_id=run_id,
         retrain=retrain,
+        workspace=Path(workspace) if workspace else None,
     )
     print(("ALARM: " if result.alarm else "no alarm: ") + result.reason)
     print(f"retraining: {result.retraining.message}")
+    if result.evidently:
+        print(f"Evidently snapshot {result.evidently['snapshot_id']}: evidently ui --workspace {workspace}")
     return result.summary_path
 
 
@@ -98,19 +104,21 @@ def monitoring_flow(
     overrides: list[str] | None = None,
     images_dir: str | None = None,
     retrain: bool = True,
+    workspace: str | None = DEFAULT_WORKSPACE,
 ) -> dict:
     """Monitor one batch; returns the headline of ``drift_summary.json``.
 
     ``model`` is the model the reference was built with: a ``.keras`` path or an MLflow model URI
     (e.g. ``models:/skinrisk@champion``). The clinical encoder and image size come from the
     reference profile, so no processed data folder is needed. ``images_dir`` is for a cases CSV
-    whose image paths are relative to another folder than the CSV's.
+    whose image paths are relative to another folder than the CSV's. ``workspace`` is the local
+    Evidently workspace each run is added to (``None``: not recorded there).
     """
     overrides = list(overrides or [])
     run_id = start_monitoring_run(batch, reference, params_file, overrides)
     try:
         summary_path = monitor_batch(
-            batch, reference, model, out_dir, params_file, overrides, run_id, images_dir, retrain
+            batch, reference, model, out_dir, params_file, overrides, run_id, images_dir, retrain, workspace
         )
     except BaseException as exc:
         from tasks.tracking import ending_status
@@ -126,4 +134,5 @@ def monitoring_flow(
         "drifted_share": summary["drifted_share"],
         "drifted_columns": summary["drifted_columns"],
         "retraining": summary["retraining"],
+        "evidently": summary.get("evidently"),
     }

@@ -93,6 +93,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
         f"validation passed: {summary.n_images} images of {summary.n_lesions} lesions, "
         f"{summary.evaluated} expectations; report in {summary.report_markdown}"
     )
+    if summary.data_docs:
+        print(f"Data Docs: {Path(summary.data_docs).resolve().as_uri()}")
 
 
 def cmd_preprocess(args: argparse.Namespace) -> None:
@@ -258,8 +260,15 @@ def cmd_monitor(args: argparse.Namespace) -> None:
         images_dir=Path(args.images) if args.images else None,
         track=not args.no_tracking,
         retrain=not args.no_retrain,
+        workspace=None if args.no_workspace else Path(args.workspace),
     )
     print(format_drift_summary(read_summary(Path(result.summary_path))))
+    print(f"report: {result.report_html}")
+    if result.evidently:
+        print(
+            f"history: snapshot {result.evidently['snapshot_id']} added to Evidently project "
+            f"{result.evidently['project']!r}; browse it with `evidently ui --workspace {result.evidently['workspace']}`"
+        )
 
 
 def cmd_registry_show(args: argparse.Namespace) -> None:
@@ -542,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--out", default=str(paths.REPORTS_DIR / "monitoring"), help="default: %(default)s")
     monitor.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     monitor.add_argument("--no-retrain", action="store_true", help="never trigger the retraining deployment")
+    monitor.add_argument(
+        "--workspace",
+        default=str(paths.REPORTS_DIR / "evidently"),
+        help="Evidently workspace that keeps every run (`evidently ui --workspace PATH`); default: %(default)s",
+    )
+    monitor.add_argument("--no-workspace", action="store_true", help="do not add the run to the Evidently workspace")
 
     registry = commands.add_parser("registry", help="the MLflow model registry: show, promote, rollback")
     registry_commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")

@@ -9,9 +9,12 @@ profile and the model file are all that monitoring needs.
 
 :func:`monitor_batch` computes the same columns for a batch (HAM10000 layout, or a cases CSV beside
 its images; no labels needed), runs an Evidently data-drift report against the reference, writes
-``drift_report.html``, ``drift_report.json`` and ``drift_summary.json``, logs one run to the MLflow
-experiment ``skinrisk-monitoring`` and, when the share of drifted columns reaches
-``monitor.drift_share``, asks Prefect to run the retraining deployment.
+``drift_report.html`` (titled with the batch, model version and date; drifted columns first),
+``drift_report.json`` and ``drift_summary.json`` (the latest batch), adds the report as a snapshot to
+the project ``skinrisk`` of a local Evidently workspace (the history, with a drift dashboard:
+``evidently ui --workspace PATH``), logs one run to the MLflow experiment ``skinrisk-monitoring``
+and, when the share of drifted columns reaches ``monitor.drift_share``, asks Prefect to run the
+retraining deployment.
 
 Batches are tested one image per lesion where lesion ids are known, like the reference: images of
 one lesion are not independent cases. Drift tests, per column, at ``monitor.stattest_threshold``
@@ -22,10 +25,13 @@ so a single case of a body site absent from the reference would count as drift).
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import html
 import json
 import math
 import tempfile
+import uuid
 import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -50,6 +56,15 @@ REFERENCE_FILE = "reference_profile.parquet"
 REPORT_HTML = "drift_report.html"
 REPORT_JSON = "drift_report.json"
 SUMMARY_FILE = "drift_summary.json"
+EVIDENTLY_PROJECT = "skinrisk"
+DASHBOARD_TAB = "Drift over time"
+# Columns whose drift the dashboard follows one by one: one of each group.
+DASHBOARD_COLUMNS: dict[str, str] = {
+    "age": "age",
+    "brightness": "image brightness",
+    "embedding_pc1": "image embedding, 1st principal component",
+    "p_high": "predicted P(high)",
+}
 PROFILE_FORMAT = 1
 _META_KEY = b"skinrisk.reference_profile"
 
@@ -667,13 +682,66 @@ def _testable_columns(
     return tested, skipped
 
 
-def detect_drift(
-    reference: pd.DataFrame, current: pd.DataFrame, groups: dict[str, list[str]], params: MonitorParams
-) -> DriftResult:
-    """Run the Evidently data-drift report on the monitored columns and read its per-column verdicts."""
-    from evidently import DataDefinition, Dataset, Report
+@functools.cache
+def _report_parts() -> tuple[type, type]:
+    """Two Evidently report items (classes made on first use: importing Evidently takes seconds).
+
+    ``ReportTitle`` puts a heading first; ``DriftedFirstPreset`` is Evidently's data-drift preset
+    whose column table lists drifted columns first, then by p-value. The preset sorts by score,
+    highest first, which suits distances but puts the least drifted columns first for the p-values
+    both our tests give. Snapshots keep the rendered widgets, so the order holds in the UI too.
+    """
+    from evidently.core.container import MetricContainer
+    from evidently.legacy.renderers.html_widgets import header_text
+    from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset
 
+    class ReportTitle(MetricContainer):
+        text: str
+
+        def generate_metrics(self, context) -> list:
+            return []
+
+        def render(self, context, child_widgets=None) -> list:
+            return [header_text(label=self.text)]
+
+    class DriftedFirstPreset(DataDriftPreset):
+        def render(self, context, child_widgets=None) -> list:
+            widgets = super().render(context, child_widgets)
+            # The table shows scores rounded to 6 decimals: order by the exact p-values.
+            p_values = {
+                metric.column: float(context.get_metric_result(metric).value)
+                for metric in self.metrics(context)
+                if isinstance(metric, ValueDrift)
+            }
+
+            def order(row: dict) -> tuple[bool, float]:
+                score = p_values.get(row["column_name"], math.nan)
+                return row["data_drift"] != "Detected", score if math.isfinite(score) else math.inf
+
+            for widget in widgets:
+                if widget.type == "big_table":
+                    widget.params["data"].sort(key=order)
+            return widgets
+
+    return ReportTitle, DriftedFirstPreset
+
+
+def detect_drift(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    groups: dict[str, list[str]],
+    params: MonitorParams,
+    *,
+    title: str | None = None,
+) -> DriftResult:
+    """Run the Evidently data-drift report on the monitored columns and read its per-column verdicts.
+
+    ``title`` heads the report (see :class:`RunLabel`); its column table lists drifted columns first.
+    """
+    from evidently import DataDefinition, Dataset, Report
+
+    ReportTitle, DriftedFirstPreset = _report_parts()
     _register_stattests()
     tested, skipped = _testable_columns(reference, current, groups)
     if not tested:
@@ -691,13 +759,14 @@ def detect_drift(
 
     report = Report(
         [
-            DataDriftPreset(
+            *([ReportTitle(text=title)] if title else []),
+            DriftedFirstPreset(
                 columns=names,
                 drift_share=params.drift_share,
                 num_method=NUMERICAL_STATTEST,
                 cat_method=CATEGORICAL_STATTEST,
                 threshold=params.stattest_threshold,
-            )
+            ),
         ],
         include_tests=True,
     )
@@ -829,6 +898,167 @@ def trigger_retraining(deployment: str, reason: str) -> RetrainingOutcome:
     )
 
 
+# --- history: the Evidently workspace --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunLabel:
+    """What names one monitoring run: the report's title and its snapshot's tags in the workspace."""
+
+    batch: str  # the batch's file or folder name
+    model_version: str  # see model_version
+    created_at: datetime  # UTC
+
+    @property
+    def title(self) -> str:
+        return f"Drift of batch {self.batch} · model {self.model_version} · {self.created_at:%Y-%m-%d %H:%M} UTC"
+
+    def tags(self, alarm: bool) -> list[str]:
+        return [
+            f"batch:{self.batch}",
+            f"model:{self.model_version}",
+            f"date:{self.created_at:%Y-%m-%d}",
+            "alarm" if alarm else "no-alarm",
+        ]
+
+
+def model_version(model: Bundle | Path | str, fingerprint: str) -> str:
+    """The monitored model as a person names it: ``skinrisk v3`` where an MLflow URI names a
+    registered version (or an alias of one), else the file name and the start of its weights'
+    fingerprint (which always tells two models apart)."""
+    from tasks.evaluate import Bundle
+
+    weights = f"weights {fingerprint[:12]}"
+    if isinstance(model, Bundle):
+        return weights
+    text = str(model)
+    if not text.startswith("models:/"):
+        is_uri = "://" in text or text.startswith("runs:/")
+        return f"{text if is_uri else Path(text).name}, {weights}"
+    ref = text.removeprefix("models:/")
+    name, _, version = ref.partition("/")
+    if version.isdigit():
+        return f"{name} v{version}"
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        try:
+            from tasks.tracking import client
+
+            return f"{name} v{client().get_model_version_by_alias(name, alias).version}"
+        except Exception:  # a label only: monitoring must not fail for it (the alias may have moved)
+            pass
+    return f"{ref}, {weights}"
+
+
+_DASHBOARD_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "skinrisk/monitoring/dashboard")
+
+
+def drift_dashboard(params: MonitorParams) -> tuple[Any, list[Any]]:
+    """The project's dashboard tab and panels: drifted share and count, and the drift of
+    :data:`DASHBOARD_COLUMNS`, per snapshot over time. Ids are fixed, so rewriting it is idempotent."""
+    from evidently.sdk.models import DashboardTabModel, PanelMetric
+    from evidently.sdk.panels import bar_plot_panel, line_plot_panel
+
+    panels = [
+        line_plot_panel(
+            title="Share of drifted columns",
+            values=[
+                PanelMetric(legend="drifted share", metric="DriftedColumnsCount", metric_labels={"value_type": "share"})
+            ],
+            description=f"per batch; the alarm (and retraining) is raised from {params.drift_share:.0%}",
+            size="half",
+        ),
+        bar_plot_panel(
+            title="Drifted columns",
+            values=[
+                PanelMetric(
+                    legend="drifted columns", metric="DriftedColumnsCount", metric_labels={"value_type": "count"}
+                )
+            ],
+            description="number of monitored columns that drifted, per batch",
+            size="half",
+        ),
+    ]
+    for column, label in DASHBOARD_COLUMNS.items():
+        test = CATEGORICAL_STATTEST if column in CATEGORICAL_COLUMNS else NUMERICAL_STATTEST
+        panels.append(
+            line_plot_panel(
+                title=f"Drift of {label}",
+                values=[PanelMetric(legend=f"{column} p-value", metric="ValueDrift", metric_labels={"column": column})],
+                description=f"{test} p-value per batch: below {params.stattest_threshold} the column drifted",
+                size="half",
+            )
+        )
+    panels = [panel.copy(update={"id": uuid.uuid5(_DASHBOARD_IDS, panel.title)}) for panel in panels]
+    tab = DashboardTabModel(
+        id=uuid.uuid5(_DASHBOARD_IDS, DASHBOARD_TAB), title=DASHBOARD_TAB, panels=[p.id for p in panels]
+    )
+    return tab, panels
+
+
+def _ensure_dashboard(workspace, project_id, params: MonitorParams) -> None:
+    """Put our tab first on the project's dashboard; other tabs (a user's) are kept."""
+    from evidently.sdk.models import DashboardModel
+
+    tab, panels = drift_dashboard(params)
+    current = workspace.get_dashboard(project_id)
+    others = [t for t in current.tabs if t.id != tab.id]
+    kept = {panel_id for t in others for panel_id in t.panels}
+    wanted = DashboardModel(tabs=[tab, *others], panels=[*panels, *(p for p in current.panels if p.id in kept)])
+    if wanted != current:
+        workspace.save_dashboard(project_id, wanted)
+
+
+def add_to_workspace(
+    workspace: Path,
+    snapshot,
+    label: RunLabel,
+    *,
+    alarm: bool,
+    metadata: dict[str, str],
+    params: MonitorParams,
+) -> dict[str, str]:
+    """Add a run's report as a snapshot of the workspace's ``skinrisk`` project, tagged with
+    :meth:`RunLabel.tags` and timestamped ``label.created_at``; the project and its dashboard are
+    made on first use. Returns where it went. Browse with ``evidently ui --workspace WORKSPACE``."""
+    from evidently.core.report import Snapshot
+    from evidently.ui.workspace import Workspace
+
+    workspace = Path(workspace)
+    store = Workspace.create(str(workspace))
+    found = store.search_project(EVIDENTLY_PROJECT)
+    project = (
+        found[0]
+        if found
+        else store.create_project(
+            EVIDENTLY_PROJECT, description="Drift of monitored batches against the skinrisk training reference"
+        )
+    )
+    _ensure_dashboard(store, project.id, params)
+    # Tags and metadata carry the verdict, known only once the report has run.
+    model = snapshot.to_snapshot_model().copy(
+        update={
+            "name": label.title,
+            "timestamp": label.created_at.astimezone(UTC).replace(tzinfo=None),  # Evidently's are naive
+            "tags": label.tags(alarm),
+            "metadata": metadata,
+        }
+    )
+    added = store.add_run(project.id, Snapshot.load_model(model), include_data=False)
+    return {
+        "workspace": str(workspace),
+        "project": EVIDENTLY_PROJECT,
+        "project_id": str(project.id),
+        "snapshot_id": str(added.id),
+    }
+
+
+def titled_html(snapshot, title: str) -> str:
+    """The report as a standalone page whose browser title is ``title`` (Evidently's page has none)."""
+    page = snapshot.get_html_str(as_iframe=False)
+    return page.replace("</head>", f"<title>{html.escape(title)}</title>\n</head>", 1)
+
+
 # --- the stage -------------------------------------------------------------------------------
 
 
@@ -847,6 +1077,8 @@ class MonitorResult:
     reason: str
     retraining: RetrainingOutcome
     run_id: str | None
+    model_version: str = ""
+    evidently: dict[str, str] | None = None  # where the snapshot went (add_to_workspace), if recorded
 
 
 def start_monitoring_run(batch: Path | str, reference_path: Path | str, params: MonitorParams) -> str:
@@ -891,6 +1123,7 @@ def monitor_batch(
     run_id: str | None = None,
     track: bool = True,
     retrain: bool = True,
+    workspace: Path | None = None,
 ) -> MonitorResult:
     """Compare ``batch`` with the reference profile; write the report and summary; log; maybe retrain.
 
@@ -898,12 +1131,15 @@ def monitor_batch(
     (``models:/skinrisk@champion``) or a loaded :class:`~tasks.evaluate.Bundle`. With ``run_id`` the
     results are logged to that MLflow run (left open); otherwise, when ``track``, a new run is
     opened in ``skinrisk-monitoring`` and closed. ``retrain=False`` records the alarm without
-    triggering the ``params.retrain_deployment``.
+    triggering the ``params.retrain_deployment``. With ``workspace`` (a local Evidently workspace
+    folder) the report is also added there as a snapshot of the project ``skinrisk``, the history
+    that ``out_dir``'s files (the latest batch) are not.
     """
-    from tasks.evaluate import json_safe
+    from tasks.evaluate import Bundle, json_safe
     from tasks.preprocess import decode_images
 
     reference_path, batch, out_dir = Path(reference_path), Path(batch), Path(out_dir)
+    created_at = datetime.now(UTC).replace(microsecond=0)
     if not batch.exists():  # before a monitoring run is opened for it
         raise DataError(f"batch {batch} not found: give a folder of images (with metadata) or a cases CSV")
     reference = ReferenceProfile.load(reference_path)
@@ -942,11 +1178,34 @@ def monitor_batch(
             sizes = original_sizes(paths)
             images = decode_images(paths, reference.image_size, workers=1 if len(paths) < 400 else 0)
         current = profile_batch(reference, bundle, frame, images, sizes)
-        drift = detect_drift(reference.table, current, reference.groups, params)
+        label = RunLabel(batch.name, model_version(model, fingerprint), created_at)
+        drift = detect_drift(reference.table, current, reference.groups, params, title=label.title)
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(out_dir / REPORT_HTML, drift.snapshot.get_html_str(as_iframe=False))
+        write_text(out_dir / REPORT_HTML, titled_html(drift.snapshot, label.title))
         write_text(out_dir / REPORT_JSON, drift.snapshot.json())
+        recorded = None
+        if workspace is not None:
+            recorded = add_to_workspace(
+                Path(workspace),
+                drift.snapshot,
+                label,
+                alarm=drift.alarm,
+                metadata={
+                    "batch": batch.name,
+                    "batch_path": str(batch),
+                    "model": "in-memory model" if isinstance(model, Bundle) else str(model),
+                    "model_version": label.model_version,
+                    "model_fingerprint": fingerprint,
+                    "date": f"{created_at:%Y-%m-%d}",
+                    "created_at": created_at.isoformat(),
+                    "alarm": "yes" if drift.alarm else "no",
+                    "drifted_share": f"{drift.drifted_share:.4g}",
+                    "drifted_columns": ", ".join(drift.drifted_columns),
+                    "mlflow_run_id": run_id or "",
+                },
+                params=params,
+            )
 
         reason = drift.reason()
         if not drift.alarm:
@@ -964,6 +1223,8 @@ def monitor_batch(
                 "batch_kind": cases.kind,
                 "reference": str(reference_path),
                 "model_fingerprint": fingerprint,
+                "model_version": label.model_version,
+                "title": label.title,
                 "n_images": n_received,
                 "n_dropped_without_age": n_received - n_with_age,
                 "n_tested": len(frame),  # one image per lesion (see one_per_lesion)
@@ -984,7 +1245,8 @@ def monitor_batch(
                 "reason": reason,
                 "retraining": asdict(outcome),
                 "mlflow_run_id": run_id,
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "evidently": recorded,
+                "created_at": created_at.isoformat(timespec="seconds"),
             }
         )
         write_json(out_dir / SUMMARY_FILE, summary)
@@ -1005,6 +1267,8 @@ def monitor_batch(
         reason=reason,
         retraining=outcome,
         run_id=run_id,
+        model_version=label.model_version,
+        evidently=recorded,
     )
 
 
@@ -1031,16 +1295,31 @@ def _log_to_mlflow(run_id: str, summary: dict, out_dir: Path) -> None:
             "retraining_message": retraining["message"][:4000],
             "retrain_deployment": retraining["deployment"],
             "model_fingerprint": summary["model_fingerprint"],
+            "model_version": summary["model_version"],
+            **({"evidently_snapshot_id": summary["evidently"]["snapshot_id"]} if summary.get("evidently") else {}),
         },
     )
     log_artifacts(run_id, [out_dir / SUMMARY_FILE, out_dir / REPORT_JSON, out_dir / REPORT_HTML], artifact_path="drift")
 
 
+def _drifted_first(columns: dict[str, dict]) -> list[tuple[str, dict]]:
+    """Summary columns as the report lists them: drifted first, then by p-value (undefined last)."""
+
+    def order(item: tuple[str, dict]) -> tuple[bool, float]:
+        score = item[1]["score"]
+        return not item[1]["drifted"], math.inf if score is None else score
+
+    return sorted(columns.items(), key=order)
+
+
 def format_drift_summary(summary: dict) -> str:
-    """``drift_summary.json`` as Markdown: the verdict, then one row per column (console and Prefect)."""
+    """``drift_summary.json`` as Markdown: the verdict, then one row per column, drifted first
+    (console and Prefect)."""
     verdict = "**ALARM**" if summary["alarm"] else "no alarm"
+    model = f", model {summary['model_version']}" if summary.get("model_version") else ""
     lines = [
-        f"### Drift of `{summary['batch']}` ({summary['n_images']} images) against the training reference",
+        f"### Drift of `{summary['batch']}` ({summary['n_images']} images{model}, {summary['created_at']}) "
+        "against the training reference",
         "",
         f"{verdict}: {summary['reason']}.",
         "",
@@ -1049,7 +1328,7 @@ def format_drift_summary(summary: dict) -> str:
         "| column | group | test | score | drifted |",
         "|---|---|---|---|---|",
     ]
-    for name, column in summary["columns"].items():
+    for name, column in _drifted_first(summary["columns"]):
         score = "n/a" if column["score"] is None else f"{column['score']:.3g}"
         lines.append(
             f"| {name} | {column['group']} | {column['stattest']} | {score} | {'yes' if column['drifted'] else ''} |"
@@ -1060,10 +1339,10 @@ def format_drift_summary(summary: dict) -> str:
 
 
 def summary_rows(summary: dict) -> list[dict]:
-    """One row per monitored column, for a Prefect table artifact."""
+    """One row per monitored column, drifted first, for a Prefect table artifact."""
     return [
         {"column": name, **{k: column[k] for k in ("group", "stattest", "score", "drifted")}}
-        for name, column in summary["columns"].items()
+        for name, column in _drifted_first(summary["columns"])
     ]
 
 
@@ -1075,17 +1354,22 @@ def read_summary(path: Path) -> dict:
 
 
 __all__ = [
+    "EVIDENTLY_PROJECT",
     "MONITORING_EXPERIMENT",
     "REFERENCE_FILE",
     "DriftResult",
     "MonitorResult",
     "ReferenceProfile",
     "RetrainingOutcome",
+    "RunLabel",
+    "add_to_workspace",
     "build_reference_profile",
     "column_drift",
     "detect_drift",
+    "drift_dashboard",
     "format_drift_summary",
     "image_statistics",
+    "model_version",
     "monitor_batch",
     "trigger_retraining",
 ]

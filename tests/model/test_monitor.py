@@ -8,8 +8,17 @@ group it did not touch scores exactly as in the unshifted batch, so drift is att
 
 from __future__ import annotations
 
+import asyncio
+import html
 import json
+import re
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -416,8 +425,10 @@ def test_the_flow_publishes_the_drift_and_finds_no_deployment(
         out_dir=str(tmp_path / "monitoring"),
         params_file=str(params_file),
         overrides=["monitor.drift_share=0.01"],  # any drifted column raises the alarm
+        workspace=str(tmp_path / "evidently"),
     )
     assert result["alarm"] and result["drifted_columns"]
+    assert result["evidently"]["workspace"] == str(tmp_path / "evidently") and result["evidently"]["snapshot_id"]
     message = result["retraining"]["message"]
     assert not result["retraining"]["triggered"]
     deployment = load_params(params_file).monitor.retrain_deployment
@@ -441,3 +452,265 @@ def test_a_batch_that_does_not_exist_opens_no_monitoring_run(reference_path, bun
         monitor_batch(reference_path, bundle, tmp_path / "no-such-batch", tmp_path / "out", MonitorParams())
     store = tracking.client()  # this test's store (mlflow's global URI may be an earlier test's)
     assert not store.search_runs([e.experiment_id for e in store.search_experiments()])
+
+
+# --- the report's reading order and the history (Evidently workspace) ------------------------
+
+SMALL_GROUPS = {
+    "clinical": ["age", "sex"],
+    "image": ["brightness"],
+    "embedding": ["embedding_pc1"],
+    "prediction": ["p_high"],
+}
+PANELS = [
+    "Share of drifted columns",
+    "Drifted columns",
+    "Drift of age",
+    "Drift of image brightness",
+    "Drift of image embedding, 1st principal component",
+    "Drift of predicted P(high)",
+]
+
+
+@pytest.fixture(scope="module")
+def small_drift():
+    """An Evidently report on small synthetic tables: age and brightness shifted, the rest not."""
+    from tasks.monitor import RunLabel, detect_drift
+
+    rng = np.random.default_rng(0)
+
+    def table(n: int, older: float = 0.0, brighter: float = 0.0) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "age": rng.normal(50 + older, 12, n),
+                "sex": rng.choice(["male", "female"], n),
+                "brightness": rng.normal(120 + brighter, 15, n),
+                "embedding_pc1": rng.normal(0, 1, n),
+                "p_high": rng.beta(2, 5, n),
+            }
+        )
+
+    label = RunLabel("clinic-a", "skinrisk v3", datetime(2025, 6, 1, 6, 0, tzinfo=UTC))
+    drift = detect_drift(table(400), table(200, older=6, brighter=12), SMALL_GROUPS, MonitorParams(), title=label.title)
+    assert set(drift.drifted_columns) == {"age", "brightness"}, drift.columns
+    return drift, label
+
+
+def _drifted_first(drift) -> list[str]:
+    return sorted(drift.columns, key=lambda name: (not drift.columns[name].drifted, drift.columns[name].score))
+
+
+def _table_order(widgets) -> list[str]:
+    (table,) = [w for w in widgets if w.type == "big_table"]
+    return [row["column_name"] for row in table.params["data"]]
+
+
+def test_the_report_is_titled_and_lists_drifted_columns_first(small_drift):
+    from tasks.monitor import titled_html
+
+    drift, label = small_drift
+    assert label.title == "Drift of batch clinic-a · model skinrisk v3 · 2025-06-01 06:00 UTC"
+    page = titled_html(drift.snapshot, label.title)
+    assert f"<title>{html.escape(label.title)}</title>" in page.split("</head>")[0]
+    widgets = drift.snapshot.to_snapshot_model().widgets
+    assert widgets[0].params["counters"][0]["label"] == label.title, "the title heads the report"
+
+    expected = _drifted_first(drift)
+    assert expected[:2] == sorted(["age", "brightness"], key=lambda n: drift.columns[n].score)
+    evidently_order = sorted(drift.columns, key=lambda n: drift.columns[n].score, reverse=True)
+    assert expected != evidently_order, "Evidently's own order (highest score first) lists p-values backwards"
+    assert _table_order(widgets) == expected
+    in_page = list(dict.fromkeys(re.findall(r'"column_name":\s*"([^"]+)"', page)))
+    assert in_page == expected, "the saved page lists drifted columns first"
+
+
+def _dashboard_series(workspace: Path, project_id, panel) -> list[list]:
+    """What `evidently ui` plots for ``panel``: its storage's series, one value per snapshot."""
+    from evidently.ui.service.base import SeriesFilter
+    from evidently.ui.service.storage.local.base import InMemoryDataStorage
+
+    storage = InMemoryDataStorage(str(workspace))
+    filters = [
+        SeriesFilter(tags=v.tags, metadata=v.metadata, metric=v.metric, metric_labels=v.metric_labels)
+        for v in panel.values
+    ]
+    response = asyncio.run(storage.get_data_series(project_id, filters, None, None))
+    return [series.values for series in response.series]
+
+
+def test_each_run_is_a_tagged_snapshot_of_one_project_with_a_drift_dashboard(small_drift, tmp_path):
+    from evidently.sdk.panels import text_panel
+    from evidently.ui.workspace import Workspace
+
+    from tasks.monitor import EVIDENTLY_PROJECT, RunLabel, add_to_workspace
+
+    drift, label = small_drift
+    workspace = tmp_path / "evidently"
+    later = RunLabel("clinic-b", "model.keras, weights 0123456789ab", label.created_at + timedelta(days=1))
+    added = [
+        add_to_workspace(
+            workspace, drift.snapshot, run, alarm=alarm, metadata={"batch": run.batch}, params=MonitorParams()
+        )
+        for run, alarm in ((label, False), (later, True))
+    ]
+
+    store = Workspace(str(workspace))
+    (project,) = store.list_projects()
+    assert project.name == EVIDENTLY_PROJECT and added[0]["project_id"] == added[1]["project_id"] == str(project.id)
+    assert {str(i) for i in store.list_runs(project.id)} == {a["snapshot_id"] for a in added}
+    first, second = (store.get_run(project.id, a["snapshot_id"]) for a in added)
+    assert first.tags == ["batch:clinic-a", "model:skinrisk v3", "date:2025-06-01", "no-alarm"]
+    assert second.tags == ["batch:clinic-b", "model:model.keras, weights 0123456789ab", "date:2025-06-02", "alarm"]
+    assert second.metadata == {"batch": "clinic-b"} and second.name == later.title
+    assert first.timestamp == datetime(2025, 6, 1, 6, 0) and second.timestamp == datetime(2025, 6, 2, 6, 0)
+    assert _table_order(second.widgets) == _drifted_first(drift), "the snapshot keeps the drifted-first order"
+
+    dashboard = store.get_dashboard(project.id)
+    assert [tab.title for tab in dashboard.tabs] == ["Drift over time"]
+    assert [panel.title for panel in dashboard.panels] == PANELS
+    assert dashboard.tabs[0].panels == [panel.id for panel in dashboard.panels], "each panel once"
+    for panel in dashboard.panels:
+        (values,) = _dashboard_series(workspace, project.id, panel)
+        assert len(values) == 2 and None not in values, panel.title
+    share = _dashboard_series(workspace, project.id, dashboard.panels[0])[0]
+    assert share == pytest.approx([drift.drifted_share] * 2)
+    age = _dashboard_series(workspace, project.id, dashboard.panels[2])[0]
+    assert age == pytest.approx([drift.columns["age"].score] * 2)
+
+    # A tab of a user's own survives, and ours is not duplicated by later runs.
+    project.dashboard.add_panel(text_panel(title="Notes"), tab="Mine")
+    add_to_workspace(workspace, drift.snapshot, later, alarm=True, metadata={}, params=MonitorParams())
+    dashboard = store.get_dashboard(project.id)
+    assert [tab.title for tab in dashboard.tabs] == ["Drift over time", "Mine"]
+    assert [panel.title for panel in dashboard.panels] == [*PANELS, "Notes"]
+    assert len(store.list_runs(project.id)) == 3
+
+
+def test_a_model_version_names_the_registered_version_or_the_weights():
+    from tasks.monitor import model_version
+
+    fingerprint = "0123456789abcdef" * 4
+    assert model_version("models:/skinrisk/7", fingerprint) == "skinrisk v7"
+    assert model_version("models/model.keras", fingerprint) == "model.keras, weights 0123456789ab"
+    assert model_version("runs:/abc/model", fingerprint) == "runs:/abc/model, weights 0123456789ab"
+
+
+@pytest.fixture(scope="module")
+def recorded_workspace(reference_path, bundle, batches, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Two monitoring runs (the unshifted batch, then a brighter one) recorded in one workspace."""
+    root = tmp_path_factory.mktemp("history")
+    workspace = root / "evidently"
+    summaries = []
+    for name in ("same", "brighter"):
+        batch = _shifted_copy(batches, name, **SHIFTS[name][0]) if name in SHIFTS else batches / name
+        summaries.append(_monitor(reference_path, bundle, batch, root / name, workspace=workspace))
+    return workspace, summaries
+
+
+@pytest.mark.slow
+def test_monitoring_runs_build_a_history_in_the_workspace(recorded_workspace):
+    from evidently.ui.workspace import Workspace
+
+    workspace, summaries = recorded_workspace
+    store = Workspace(str(workspace))
+    (project,) = store.list_projects()
+    assert {str(i) for i in store.list_runs(project.id)} == {s["evidently"]["snapshot_id"] for s in summaries}
+    for summary in summaries:
+        run = store.get_run(project.id, summary["evidently"]["snapshot_id"])
+        batch = Path(summary["batch"]).name
+        date = summary["created_at"][:10]
+        assert run.tags == [
+            f"batch:{batch}",
+            f"model:{summary['model_version']}",
+            f"date:{date}",
+            "alarm" if summary["alarm"] else "no-alarm",
+        ]
+        assert run.metadata["batch"] == batch and run.metadata["model_fingerprint"] == summary["model_fingerprint"]
+        assert run.metadata["alarm"] == ("yes" if summary["alarm"] else "no") and run.metadata["date"] == date
+        assert run.name == summary["title"] and batch in summary["title"] and date in summary["title"]
+        drifted = [name for name in _table_order(run.widgets) if summary["columns"][name]["drifted"]]
+        assert (
+            _table_order(run.widgets)[: len(drifted)]
+            == drifted
+            == sorted(summary["drifted_columns"], key=lambda n: summary["columns"][n]["score"])
+        )
+    assert [s["alarm"] for s in summaries] == [False, True]
+    assert summaries[0]["model_version"].startswith("weights "), "an in-memory model is named by its weights"
+    page = (workspace.parent / "brighter" / "drift_report.html").read_text(encoding="utf-8")
+    assert f"<title>{html.escape(summaries[1]['title'])}</title>" in page
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _get_json(url: str, payload: dict | None = None):
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+@pytest.mark.integration  # `evidently ui` on loopback
+def test_evidently_ui_lists_the_project_its_snapshots_and_dashboard(recorded_workspace, tmp_path):
+    workspace, summaries = recorded_workspace
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/api"
+    log = (tmp_path / "ui.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "evidently"),
+            "ui",
+            "--workspace",
+            str(workspace),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                projects = _get_json(f"{base}/projects")
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"evidently ui did not start: {(tmp_path / 'ui.log').read_text()[-2000:]}")
+                time.sleep(1)
+        (project,) = projects
+        assert project["name"] == "skinrisk"
+        snapshots = _get_json(f"{base}/projects/{project['id']}/snapshots")
+        assert {s["id"] for s in snapshots} == {s["evidently"]["snapshot_id"] for s in summaries}
+        assert sorted(s["metadata"]["alarm"] for s in snapshots) == ["no", "yes"]
+        dashboard = _get_json(f"{base}/v2/dashboards/{project['id']}")
+        assert [panel["title"] for panel in dashboard["panels"]] == PANELS
+        share_panel = dashboard["panels"][0]
+        series = _get_json(
+            f"{base}/v2/snapshots/{project['id']}/data_series_batch",
+            {
+                "series_filter": [
+                    {
+                        "tags": [],
+                        "metadata": {},
+                        **{k: v for k, v in share_panel["values"][0].items() if k in ("metric", "metric_labels")},
+                    }
+                ]
+            },
+        )
+        (line,) = series["series"]
+        assert line["values"] == pytest.approx([s["drifted_share"] for s in summaries])
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=15)
+        log.close()
