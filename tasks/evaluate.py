@@ -314,26 +314,25 @@ def evaluate(
     write_json(model_dir / OPERATING_POINT_FILE, operating_point)
 
     if run_id:
-        from tasks.tracking import log_artifacts, log_metrics
-
-        log_metrics(run_id, {k: v for k, v in metrics.items() if k != "confusion_matrix"})
-        log_artifacts(
-            run_id,
-            [
-                reports_dir / name
-                for name in (
-                    METRICS_FILE,
-                    "classification_report.txt",
-                    PREDICTIONS_FILE,
-                    "confusion_matrix.png",
-                    "reliability.png",
-                    "training_curves.png",
-                    "training_history.csv",
-                )
-            ],
-            artifact_path="reports",
-        )
+        log_to_run(run_id, metrics, processed_dir, reports_dir)
     return metrics
+
+
+# What a person compares across runs sits at the artifact root: MLflow's run comparison shows
+# only the files common to every run's root. The rest of the reports go under reports/.
+COMPARED_ARTIFACTS = (METRICS_FILE, "confusion_matrix.png", "reliability.png", "training_curves.png")
+DETAIL_ARTIFACTS = ("classification_report.txt", PREDICTIONS_FILE, "training_history.csv")
+
+
+def log_to_run(run_id: str, metrics: dict, processed_dir: Path, reports_dir: Path) -> None:
+    """Log the test figures (``test_``: the split they come from, apart from the per-epoch training
+    curves' ``loss``, ``accuracy``...), the reports, and the test split as the run's dataset."""
+    from tasks.tracking import log_artifacts, log_metrics, log_split_datasets
+
+    log_metrics(run_id, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="test_")
+    log_artifacts(run_id, [Path(reports_dir) / name for name in COMPARED_ARTIFACTS])
+    log_artifacts(run_id, [Path(reports_dir) / name for name in DETAIL_ARTIFACTS], artifact_path="reports")
+    log_split_datasets(run_id, Path(processed_dir) / CASES_FILE, ["test"])
 
 
 def _keras_file(artifacts: Path, model_uri: str) -> Path:

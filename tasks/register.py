@@ -6,13 +6,15 @@ code, so ``mlflow models serve -m models:/skinrisk@challenger`` scores raw cases
 
 Registry stages are deprecated in MLflow: versions are addressed by alias (``challenger`` for a
 freshly registered candidate, ``champion`` for the one in service), never by stage.
+
+The registered model and each version carry a description (what it predicts from what; a version's
+headline test figures, its run and data version); figures in tags are rounded to 4 decimals.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,10 +22,34 @@ from pathlib import Path
 from tasks.atomic import write_json
 from tasks.errors import SkinriskError
 from tasks.preprocess import ENCODER_FILE, SUMMARY_FILE, read_preprocess_summary
-from tasks.tracking import MODEL_NAME, client, tracking_uri
+from tasks.tracking import DATA_VERSION_TAG, MODEL_NAME, client, figure_text, tracking_uri
 
 LOGGED_MODEL_NAME = "model"
-DATA_VERSION_TAG = "data_version"
+MODEL_DESCRIPTION = (
+    "Skin-lesion risk triage. Predicts the risk level of a lesion (low, moderate or high: melanoma is "
+    "high, basal cell carcinoma and actinic keratosis moderate, under the default risk map) from one "
+    "dermatoscopic image with the patient's age and sex and the lesion's body site.\n\n"
+    "Input: `image` (base64 JPEG or PNG), `age`, `sex`, `localization`. Output: `p_low`, `p_moderate`, "
+    "`p_high`, `risk_level`, and `refer` (P(high) at or above the version's threshold, chosen on the "
+    "validation split for a target high-risk recall). The training preprocessing is inside the model.\n\n"
+    "**Not a medical device.** A research and decision-support aid trained on HAM10000-style data, not a "
+    "diagnosis: every referral decision rests with a clinician.\n\n"
+    "Versions are addressed by alias: `@challenger` (newly registered), `@champion` (in service), "
+    "`@previous` (the champion before)."
+)
+# What a version's description calls its headline figures (tasks.evaluate.headline_figures' keys)
+FIGURE_LABELS = {
+    "high_risk_roc_auc": "high-risk (melanoma) ROC-AUC",
+    "high_risk_pr_auc": "high-risk PR-AUC",
+    "high_risk_recall": "sensitivity (high-risk recall) at the operating point",
+    "specificity": "specificity at the operating point",
+    "low_risk_spared": "low-risk lesions not referred",
+    "threshold": "P(high) referral threshold (chosen on validation)",
+    "balanced_accuracy": "3-level balanced accuracy",
+    "ece": "expected calibration error",
+    "macro_f1": "macro F1",
+    "roc_auc_ovr": "macro one-vs-rest ROC-AUC",
+}
 # What the pyfunc imports when it is served: TensorFlow/Keras for the network, Pillow to decode,
 # pandas/numpy for the table, pydantic and PyYAML (tasks.params), scikit-learn and matplotlib
 # (tasks.metrics, which sums diagnosis probabilities per risk level), and MLflow itself.
@@ -81,8 +107,18 @@ def _metric_tags(metrics: Mapping[str, object] | None) -> dict[str, str]:
                 f"metric {key!r} is {type(value).__name__}, not a number: pass the headline "
                 "figures only, e.g. {'balanced_accuracy': 0.71, 'high_risk_recall': 0.9}"
             )
-        tags[key] = "nan" if math.isnan(value) else str(value)
+        tags[key] = figure_text(value)
     return tags
+
+
+def version_description(figures: Mapping[str, str], run_id: str, run_name: str, data_version: str | None) -> str:
+    """A version's description: its headline test figures (as tagged: rounded), its run and data version."""
+    lines = [f"- {FIGURE_LABELS.get(key, key.replace('_', ' '))}: {value}" for key, value in figures.items()]
+    text = "Headline figures on the held-out test split:\n\n" + "\n".join(lines) if lines else "No test figures given."
+    return (
+        f"{text}\n\nTrained in MLflow run `{run_name}` ({run_id}) on data version "
+        f"`{data_version or 'unknown'}`. Served at the threshold above; see the registered model's description."
+    )
 
 
 @contextlib.contextmanager
@@ -155,7 +191,8 @@ def register_model(
     _check_inputs(model_path, processed_dir, operating_point_path)
     summary = read_preprocess_summary(processed_dir)
     operating_point = read_operating_point(operating_point_path)
-    tags = {"run_id": run_id, **_metric_tags(metrics)}
+    figures = _metric_tags(metrics)
+    tags = {"run_id": run_id, **figures}
 
     mlflow_client = client()  # also points mlflow's fluent API at tracking_uri()
     try:
@@ -168,7 +205,7 @@ def register_model(
     if DATA_VERSION_TAG in run.data.tags:
         tags[DATA_VERSION_TAG] = run.data.tags[DATA_VERSION_TAG]
     tags["target"] = operating_point["target"]
-    tags["threshold"] = str(operating_point["threshold"])
+    tags["threshold"] = figure_text(float(operating_point["threshold"]))
 
     with _logging_to(run_id):
         logged = mlflow.pyfunc.log_model(
@@ -187,6 +224,15 @@ def register_model(
             pip_requirements=pip_requirements(),
         )
     version = mlflow.register_model(logged.model_uri, name, tags=tags)
+    if not mlflow_client.get_registered_model(name).description:  # never overwrite one edited in the UI
+        mlflow_client.update_registered_model(name, description=MODEL_DESCRIPTION)
+    mlflow_client.update_model_version(
+        name,
+        version.version,
+        description=version_description(
+            {**figures, "threshold": tags["threshold"]}, run_id, run.info.run_name, tags.get(DATA_VERSION_TAG)
+        ),
+    )
     mlflow_client.set_registered_model_alias(name, alias, version.version)
 
     registration = Registration(

@@ -1,17 +1,27 @@
 """One MLflow run per pipeline run, shared by both orchestrators (Prefect and ``dvc repro``).
 
 The run is opened before training (params, tags and the data reports), every later stage logs to
-it by id, and the register stage logs the model and closes it.
+it by id (train and evaluate also log the splits they read as the run's datasets), and the
+register stage logs the model and closes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.errors import SkinriskError
 from tasks.params import Params
+from tasks.tracking import DATA_VERSION_TAG, short_data_version
+
+
+def run_name(orchestrator: str, data_version: str, when: datetime | None = None) -> str:
+    """``<orchestrator>-<short data version>-<UTC yyyymmdd-hhmm>``, e.g. ``dvc-3f2a9c1b-20261203-1842``:
+    runs told apart in the MLflow UI by who ran them, on which data, and when."""
+    stamp = (when or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%d-%H%M")
+    return f"{orchestrator}-{short_data_version(data_version)}-{stamp}"
 
 
 def start_pipeline_run(params: Params, raw_dir: Path, reports_dir: Path, *, orchestrator: str, source: str) -> str:
@@ -20,15 +30,15 @@ def start_pipeline_run(params: Params, raw_dir: Path, reports_dir: Path, *, orch
     from tasks.versioning import data_version
 
     tags = {
-        "data_version": data_version(Path(raw_dir)),
+        DATA_VERSION_TAG: data_version(Path(raw_dir)),
         "data_source": source,
         "orchestrator": orchestrator,
         "target": params.train.target,
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    run_name = os.environ.get("DVC_EXP_NAME") or None
-    run_id = start_run(run_name or f"{orchestrator}-{params.train.target}", params.flat(), tags)
+    name = os.environ.get("DVC_EXP_NAME") or run_name(orchestrator, tags[DATA_VERSION_TAG])
+    run_id = start_run(name, params.flat(), tags)
     reports_dir = Path(reports_dir)
     log_artifacts(
         run_id,

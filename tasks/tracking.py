@@ -9,6 +9,10 @@ training. Once a run is open, a server that drops loses nothing: metrics and art
 be sent after a few quick retries are appended to the run's spool (``.mlflow-spool/<run_id>/``,
 ``SKINRISK_TRACKING_SPOOL`` moves it) and sent, in order, by the next successful call for that run
 or at :func:`end_run`; :func:`flush_spool` sends them by hand.
+
+What a person sees when comparing runs: metric keys say where a figure comes from (per-epoch
+training curves as Keras names them, ``val_*`` on the validation split, ``test_*`` on the test
+split), each run lists the splits it read as datasets, and the experiment carries a description.
 """
 
 from __future__ import annotations
@@ -41,6 +45,22 @@ CHECK_TIMEOUT_S = 5.0  # SKINRISK_TRACKING_CHECK_TIMEOUT overrides
 RETRY_DELAYS_S = (1.0, 2.0)  # between the attempts of one logging call before it spools
 REQUEST_TIMEOUT_S = 30  # per HTTP request while logging (MLflow's default is 120 s)
 _DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+DATA_VERSION_TAG = "data_version"  # set when a pipeline run opens (tasks.runs)
+# MLflow's dataset contexts of the processed splits, and what a split's dataset holds: its case
+# table (the columns a person filters on), not the pixels
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+DATASET_COLUMNS = ("image_id", "lesion_id", "dx", "risk_level", "age", "sex", "localization")
+NOTE_TAG = "mlflow.note.content"  # an experiment's, run's or model's description in the MLflow UI
+EXPERIMENT_DESCRIPTION = (
+    "Training runs of skinrisk: one run per pipeline run (`dvc repro` or the Prefect flow), named "
+    "`<orchestrator>-<data version>-<UTC date-time>` (or the DVC experiment's name). Per-epoch training "
+    "curves keep Keras' names (`loss`, `accuracy`...), validation figures start with `val_`, figures on "
+    "the held-out test split with `test_` (the headline: `test_high_risk_roc_auc`, "
+    "`test_triage.high_risk_recall`, `test_balanced_accuracy`, `test_ece`). Each run's datasets are its "
+    "training, validation and test case tables; the figures to compare (confusion_matrix.png, "
+    "reliability.png, training_curves.png, metrics.json) sit at the artifact root."
+)
+_DESCRIPTIONS = {EXPERIMENT: EXPERIMENT_DESCRIPTION}
 
 log = logging.getLogger(__name__)
 _lock = threading.RLock()  # one logging call (and its spool) at a time in this process
@@ -111,12 +131,16 @@ def experiment_id(name: str = EXPERIMENT) -> str:
             f"MLflow tracking at {tracking_uri()} is unreachable ({exc}); start the server or "
             "unset MLFLOW_TRACKING_URI to use the local SQLite store"
         ) from exc
+    description = _DESCRIPTIONS.get(name)
     if existing is not None:
+        if description and not existing.tags.get(NOTE_TAG):  # never overwrite one edited in the UI
+            mlflow_client.set_experiment_tag(existing.experiment_id, NOTE_TAG, description)
         return existing.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:"):
         location = DEFAULT_ARTIFACTS.resolve().as_uri()
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    tags = {NOTE_TAG: description} if description else None
+    return mlflow_client.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def git_tags() -> dict[str, str]:
@@ -175,10 +199,20 @@ def numeric_metrics(payload: Mapping[str, Any], prefix: str = "") -> dict[str, f
     return flat
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int | None = None) -> None:
-    """Log a (possibly nested) metrics dict to the run; spooled if the server cannot take it."""
+def figure_text(value: float | int) -> str:
+    """A figure as a tag or description shows it: floats to 4 decimals (``0.8642``), ``nan`` if undefined."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r} is {type(value).__name__}, not a number")
+    if isinstance(value, int):
+        return str(value)
+    return "nan" if math.isnan(value) else f"{value:.4f}"
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:
+    """Log a (possibly nested) metrics dict to the run, each key after ``prefix`` (``test_``: the
+    split the figures come from); spooled if the server cannot take it."""
     timestamp = int(time.time() * 1000)
-    entries = [[k, v, timestamp, step or 0] for k, v in numeric_metrics(metrics).items()]
+    entries = [[k, v, timestamp, step or 0] for k, v in numeric_metrics(metrics, prefix=prefix).items()]
     _deliver(run_id, [{"kind": "metrics", "metrics": entries[s : s + 1000]} for s in range(0, len(entries), 1000)])
 
 
@@ -191,6 +225,63 @@ def log_artifacts(run_id: str, paths: list[Path], artifact_path: str | None = No
         if path.is_dir() or path.is_file()
     ]
     _deliver(run_id, records)
+
+
+def short_data_version(version: str) -> str:
+    """The first 8 characters of a data version's hash (``dvc:3f2a9c1b...`` -> ``3f2a9c1b``)."""
+    return version.split(":", 1)[-1][:8]
+
+
+def split_dataset(cases_file: Path, split: str, data_version: str):
+    """One split's rows of the processed case table (``cases.csv``) as an MLflow dataset ``skinrisk-<split>``.
+
+    Its digest names the data version and the rows (``3f2a9c1b-<MLflow's hash of the table>``): one
+    data version gives other splits under other preprocess params, and MLflow keeps one dataset per
+    name and digest in an experiment. Its source is the case table's file.
+    """
+    import mlflow.data
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.digest_utils import compute_pandas_digest
+
+    cases_file = Path(cases_file)
+    if not cases_file.exists():
+        raise SkinriskError(f"{cases_file} not found: run `skinrisk preprocess` first")
+    cases = pd.read_csv(cases_file, dtype={"image_id": str, "lesion_id": str, "sex": str, "localization": str})
+    table = cases.loc[cases["split"] == split, list(DATASET_COLUMNS)].reset_index(drop=True)
+    # a local path has two equal readings in MLflow's source registry (and a warning): name the type
+    source = get_dataset_source_from_json(json.dumps({"uri": str(cases_file.resolve())}), source_type="local")
+    return mlflow.data.from_pandas(
+        table,
+        source=source,
+        targets="risk_level",
+        name=f"skinrisk-{split}",
+        digest=f"{short_data_version(data_version)}-{compute_pandas_digest(table)}",
+    )
+
+
+def log_split_datasets(run_id: str, cases_file: Path, splits: list[str]) -> None:
+    """Log the splits a stage read (rows of the processed ``cases_file``) as the run's datasets, in
+    context ``training``, ``validation`` or ``test``, under the run's data version. Logging them again
+    to the same run adds nothing (MLflow keeps one input per dataset)."""
+    try:
+        version = client().get_run(run_id).data.tags.get(DATA_VERSION_TAG, "unknown")
+    except Exception:  # the server dropped: the datasets are spooled all the same, with their rows' hash
+        log.warning("could not read the data version of MLflow run %s", run_id, exc_info=True)
+        version = "unknown"
+    log_datasets(run_id, {SPLIT_CONTEXTS[s]: split_dataset(cases_file, s, version) for s in splits})
+
+
+def log_datasets(run_id: str, datasets: Mapping[str, Any]) -> None:
+    """Log MLflow datasets (``mlflow.data.from_pandas``...) as the run's inputs, keyed by their context
+    (``training``, ``validation``, ``test``): by run id, as the fluent ``mlflow.log_input`` needs an
+    active run. Logging the same dataset again adds nothing; spooled if the server cannot take it."""
+    entries = []
+    for context, dataset in datasets.items():
+        entity = dataset._to_mlflow_entity()  # MLflow's own conversion, what mlflow.log_input sends
+        fields = {f: getattr(entity, f) for f in ("name", "digest", "source_type", "source", "schema", "profile")}
+        entries.append({"dataset": fields, "context": context})
+    _deliver(run_id, [{"kind": "datasets", "datasets": entries}] if entries else [])
 
 
 # --- delivery with retries, and the spool -------------------------------------------------------
@@ -242,10 +333,18 @@ def _transient(exc: BaseException) -> bool:
 
 
 def _send(mlflow_client, run_id: str, record: dict, root: Path) -> None:
-    from mlflow.entities import Metric
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     if record["kind"] == "metrics":
         mlflow_client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]])
+        return
+    if record["kind"] == "datasets":
+        inputs = [
+            DatasetInput(Dataset(**entry["dataset"]), tags=[InputTag(MLFLOW_DATASET_CONTEXT, entry["context"])])
+            for entry in record["datasets"]
+        ]
+        mlflow_client.log_inputs(run_id, datasets=inputs)
         return
     local = root / record["local"]  # an absolute path stays as it is
     if local.is_dir():

@@ -189,6 +189,7 @@ def _resumable(phase: str, checkpoints: Checkpoints, params: TrainParams, state:
             if _improved(monitor, logs[monitor], self.best):
                 self.best, self.best_epoch = float(logs[monitor]), number
                 checkpoints.save_weights(self.model, f"{phase}.best.weights.h5")
+            print(epoch_line(number, params.head_epochs + params.finetune_epochs, phase, logs), flush=True)
             checkpoints.record({"epoch": number, "phase": phase, **{k: float(v) for k, v in logs.items()}})
             checkpoints.save_weights(self.model, f"{phase}.latest.weights.h5")
             checkpoints.save_state(phase, {"epoch": number, "best": self.best, "best_epoch": self.best_epoch})
@@ -199,6 +200,22 @@ def _resumable(phase: str, checkpoints: Checkpoints, params: TrainParams, state:
                 self.model.stop_training = True
 
     return ResumableTraining()
+
+
+def epoch_line(number: int, total: int, phase: str, logs: dict) -> str:
+    """One line per epoch, printed: on the console, in logs/skinrisk.log and, through the flow's
+    ``log_prints``, in the Prefect flow-run logs (Keras writes its progress bar to stdout directly,
+    which Prefect does not capture)."""
+
+    def figure(key: str) -> str:
+        value = logs.get(key)
+        return "n/a" if value is None or np.isnan(value) else f"{value:.4f}"
+
+    return (
+        f"epoch {number}/{total} ({phase}): loss {figure('loss')}, val_loss {figure('val_loss')}, "
+        f"val high-risk AUC {figure('val_high_risk_auc')}, val balanced accuracy {figure('val_balanced_accuracy')}, "
+        f"rate {logs.get('learning_rate', float('nan')):.2e}"
+    )
 
 
 def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summary: dict):
@@ -409,7 +426,7 @@ def train(
     sample_weights = np.array([weights[c] for c in labels], dtype=np.float32) if weights else None
     val_inputs = make_dataset(val, val.labels(target), batch_size=64, training=False).map(lambda x, y: x)
     validation = _validation_figures(served, val, val_inputs, target, summary)
-    verbose = 1 if sys.stdout.isatty() else 2
+    verbose = 1 if sys.stdout.isatty() else 0  # a bar on a terminal; every epoch's figures: epoch_line
     steps = params.steps_per_epoch or None
     resumed_from = 0
 
@@ -538,9 +555,7 @@ def train(
     )
     write_json(model_dir / TRAIN_INFO_FILE, asdict(result))
     if run_id:
-        from tasks.tracking import log_metrics
-
-        log_metrics(run_id, {f"calibration_{k}": v for k, v in calibration.items()})
+        _log_to_run(run_id, calibration, processed_dir)
     shutil.rmtree(checkpoints.root, ignore_errors=True)
     return result
 
@@ -549,3 +564,13 @@ def _epoch_logger(run_id: str):
     from tasks.tracking import epoch_logger
 
     return epoch_logger(run_id)
+
+
+def _log_to_run(run_id: str, calibration: dict, processed_dir: Path) -> None:
+    """The temperature and the calibration figures, all fitted or measured on the validation split, as
+    ``val_*`` metrics; the training and validation splits as the run's datasets."""
+    from tasks.preprocess import CASES_FILE
+    from tasks.tracking import log_metrics, log_split_datasets
+
+    log_metrics(run_id, {k if k.startswith("val_") else f"val_{k}": v for k, v in calibration.items()})
+    log_split_datasets(run_id, processed_dir / CASES_FILE, ["train", "val"])

@@ -58,3 +58,14 @@ def test_a_monitor_undefined_on_the_validation_split_is_refused(val_is_high):
         _check_monitor("val_high_risk_auc", val_is_high)
     _check_monitor("val_loss", val_is_high)
     _check_monitor("val_high_risk_auc", np.array([True, False]))
+
+
+def test_each_epoch_prints_one_line_with_its_validation_figures():
+    """Printed (not Keras' stdout bar), so the Prefect flow-run logs carry training progress."""
+    from tasks.train import epoch_line
+
+    logs = {"loss": 0.71234, "val_loss": 0.39, "val_high_risk_auc": float("nan"), "learning_rate": 3e-4}
+    assert epoch_line(5, 13, "finetune", logs) == (
+        "epoch 5/13 (finetune): loss 0.7123, val_loss 0.3900, val high-risk AUC n/a, "
+        "val balanced accuracy n/a, rate 3.00e-04"
+    )

@@ -39,6 +39,7 @@ class FlakyClient:
         self.down = False
         self.metrics: list[tuple[str, float, int]] = []
         self.artifacts: dict[str, str] = {}
+        self.datasets: list[tuple[str, str, str]] = []  # (context, name, digest)
         self.terminated: str | None = None
 
     def _maybe_fail(self):
@@ -56,6 +57,10 @@ class FlakyClient:
     def log_artifacts(self, run_id, local_dir, artifact_path=None):
         for path in Path(local_dir).iterdir():
             self.log_artifact(run_id, path, artifact_path)
+
+    def log_inputs(self, run_id, datasets=None, models=None):
+        self._maybe_fail()
+        self.datasets += [(i.tags[0].value, i.dataset.name, i.dataset.digest) for i in datasets or []]
 
     def set_terminated(self, run_id, status="FINISHED"):
         self._maybe_fail()
@@ -125,3 +130,20 @@ def test_a_rejected_request_is_an_error_not_an_outage(flaky, monkeypatch):
     with pytest.raises(MlflowException, match="bad metric"):
         tracking.log_metrics("run3", {"loss": 1.0})
     assert tracking.pending("run3") == 0
+
+
+def test_datasets_logged_while_the_server_is_down_are_spooled_and_sent(flaky, tmp_path):
+    cases = tmp_path / "cases.csv"
+    columns = ",".join(tracking.DATASET_COLUMNS)
+    cases.write_text(
+        f"{columns},split\nISIC_1,HAM_1,mel,high,50,male,back,train\nISIC_2,HAM_2,nv,low,,female,face,val\n"
+    )
+    datasets = {"training": tracking.split_dataset(cases, "train", "dvc:0123456789abcdef")}
+
+    flaky.down = True
+    tracking.log_datasets("run4", datasets)
+    assert tracking.pending("run4") == 1 and flaky.datasets == []
+    flaky.down = False
+    assert tracking.flush_spool("run4") == 0
+    assert [(context, name) for context, name, _ in flaky.datasets] == [("training", "skinrisk-train")]
+    assert flaky.datasets[0][2] == datasets["training"].digest and datasets["training"].digest.startswith("01234567-")

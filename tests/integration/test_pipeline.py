@@ -6,6 +6,7 @@ same stages through the CLI. Both log to a real SQLite MLflow store and register
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,18 @@ def _assert_registered(uri: str, run_id: str | None = None) -> None:
     version = client.get_model_version_by_alias("skinrisk", "challenger")
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED"
-    assert "balanced_accuracy" in run.data.metrics and "triage.high_risk_recall" in run.data.metrics
+    assert "test_balanced_accuracy" in run.data.metrics and "test_triage.high_risk_recall" in run.data.metrics
+    assert "val_temperature" in run.data.metrics
+    orchestrator = run.data.tags["orchestrator"]
+    short_version = run.data.tags["data_version"].split(":")[1][:8]
+    assert re.fullmatch(rf"{orchestrator}-{short_version}-\d{{8}}-\d{{4}}", run.info.run_name), run.info.run_name
+    contexts = {t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"training", "validation", "test"}
+    root = {a.path for a in client.list_artifacts(run.info.run_id) if not a.is_dir}
+    assert root >= {"metrics.json", "confusion_matrix.png", "reliability.png", "training_curves.png"}
+    assert run.info.run_id in version.description and "Not a medical device" in (
+        client.get_registered_model("skinrisk").description
+    )
     assert run.data.params["train.alpha"] == "0.35"
     assert run.data.tags["data_version"].startswith(("dvc:", "sha256:"))
     assert "mlflow.source.git.commit" in run.data.tags or not (PROJECT_ROOT / ".git").exists()
@@ -56,7 +68,7 @@ def test_prefect_flow_runs_end_to_end_and_registers_a_challenger(tmp_path, monke
 def test_dvc_repro_runs_the_same_stages_and_reruns_only_what_changed(tmp_path, monkeypatch, mlflow_store):
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", "tasks"):
+    for name in ("dvc.yaml", "tasks", "gx"):
         source = PROJECT_ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, project / name)
     params = tiny_params_file(project / "params.yaml")

@@ -131,7 +131,7 @@ def test_training_then_promotion_against_team_servers_on_postgres(team_servers, 
     run_id = result["training"]["run_id"]
     run = registry.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert "balanced_accuracy" in run.data.metrics and run.data.params["train.alpha"] == "0.35"
+    assert "test_balanced_accuracy" in run.data.metrics and run.data.params["train.alpha"] == "0.35"
     assert run.data.tags["orchestrator"] == "prefect"
     assert [m.step for m in registry.get_metric_history(run_id, "val_balanced_accuracy")] == [1, 2, 3]
     versions = registry.search_model_versions("name='skinrisk'")

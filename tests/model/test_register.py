@@ -205,7 +205,7 @@ def register(artifacts, run_id: str, target: str = "risk", **kwargs) -> Registra
 @pytest.mark.slow
 def test_register_logs_to_the_run_registers_aliases_and_tags(artifacts, store, run_id, tmp_path) -> None:
     out_file = tmp_path / "models" / "registered.json"
-    metrics = {"balanced_accuracy": 0.61, "high_risk_recall": 0.9, "ece": 0.05}
+    metrics = {"balanced_accuracy": 0.6123456789012345, "high_risk_recall": 0.9, "ece": 0.05}
 
     registration = register(artifacts, run_id, metrics=metrics, out_file=out_file)
 
@@ -231,9 +231,17 @@ def test_register_logs_to_the_run_registers_aliases_and_tags(artifacts, store, r
     assert version.run_id == run_id
     assert version.tags["run_id"] == run_id
     assert version.tags["data_version"] == DATA_VERSION
-    assert version.tags["balanced_accuracy"] == "0.61"
-    assert version.tags["high_risk_recall"] == "0.9"
-    assert version.tags["ece"] == "0.05"
+    assert version.tags["balanced_accuracy"] == "0.6123", "figures in tags are rounded to 4 decimals"
+    assert version.tags["high_risk_recall"] == "0.9000"
+    assert version.tags["ece"] == "0.0500"
+    assert version.tags["threshold"] == "0.3000"
+
+    # Descriptions: what the model predicts from what, and each version's figures, run and data
+    model = store.get_registered_model("skinrisk")
+    assert "Not a medical device" in model.description and "`localization`" in model.description
+    for text in ("3-level balanced accuracy: 0.6123", "threshold (chosen on validation): 0.3000", run_id, DATA_VERSION):
+        assert text in version.description, (text, version.description)
+    assert "run `train`" in version.description
 
     # The run is addressed by id: it is still running and no run is left active in this thread.
     assert store.get_run(run_id).info.status == "RUNNING"
@@ -248,8 +256,11 @@ def test_register_logs_to_the_run_registers_aliases_and_tags(artifacts, store, r
 def test_registering_again_adds_a_version_and_moves_the_alias(artifacts, store, run_id) -> None:
     first = register(artifacts, run_id)
     tracking.end_run(run_id)
+    store.update_registered_model("skinrisk", description="edited in the UI")
 
     second = register(artifacts, run_id)
+    assert store.get_registered_model("skinrisk").description == "edited in the UI", "an edited one is kept"
+    assert run_id in store.get_model_version("skinrisk", "2").description
 
     assert (first.version, second.version) == ("1", "2")
     assert second.model_uri == "models:/skinrisk/2"
