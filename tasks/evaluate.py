@@ -26,6 +26,9 @@ from tasks.preprocess import CASES_FILE, ENCODER_FILE, SUMMARY_FILE, read_prepro
 from tasks.schema import RISK_LEVELS, risk_level_of
 
 METRICS_FILE = "metrics.json"
+# DVC's metrics file: only the headline test figures, rounded, so `dvc metrics diff` and
+# `dvc exp show --only-changed` fit a terminal; small enough to commit with dvc.lock (git-tracked)
+HEADLINE_FILE = "headline.json"
 OPERATING_POINT_FILE = "operating_point.json"
 PREDICTIONS_FILE = "predictions.csv"
 HIGH = RISK_LEVELS.index("high")
@@ -170,6 +173,23 @@ def headline_figures(metrics: dict) -> dict[str, float | None]:
     }
 
 
+def dvc_headline(metrics: dict) -> dict:
+    """The headline test figures as DVC's metrics file holds them: one level, rounded to 4 decimals,
+    the high-risk AUC's interval beside it; the recall 0.95 operating point too."""
+    figures = dict(headline_figures(metrics))
+    low, high = (metrics.get("high_risk_roc_auc_ci95") or [None, None])[:2]
+    figures = {
+        "high_risk_roc_auc": figures.pop("high_risk_roc_auc"),
+        "high_risk_roc_auc_ci_low": low,
+        "high_risk_roc_auc_ci_high": high,
+        **figures,
+    }
+    strict = (metrics.get("operating_points") or {}).get("recall_0.95") or {}
+    figures["high_risk_recall_at_0.95"] = strict.get("high_risk_recall")
+    figures["low_risk_spared_at_0.95"] = strict.get("low_risk_spared")
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()}
+
+
 def format_headline(metrics: dict) -> str:
     """:func:`headline_figures` with confidence intervals and every operating point, for the console."""
     figures = headline_figures(metrics)
@@ -298,6 +318,7 @@ def evaluate(
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_json(reports_dir / METRICS_FILE, metrics)
+    write_json(reports_dir / HEADLINE_FILE, dvc_headline(metrics))
     write_text(reports_dir / "classification_report.txt", classification_report_text(metrics))
     predictions = pd.DataFrame(
         {

@@ -429,3 +429,24 @@ def test_high_risk_auc_leads_with_its_interval_and_each_operating_point_is_repor
     assert figures["high_risk_pr_auc"] == pytest.approx(average_precision_score(y == 2, p_high))
     assert figures["operating_points"]["a"] == figures["triage"]
     assert figures["operating_points"]["b"]["high_risk_recall"] < figures["operating_points"]["a"]["high_risk_recall"]
+
+
+def test_dvc_s_metrics_file_holds_the_headline_rounded() -> None:
+    from tasks.evaluate import dvc_headline
+
+    metrics = {
+        "high_risk_roc_auc": 0.864213,
+        "high_risk_roc_auc_ci95": [0.82, 0.9012345],
+        "balanced_accuracy": 0.75,
+        "ece": 0.0321987,
+        "triage": {"high_risk_recall": 0.877, "specificity": 0.654, "low_risk_spared": 0.655, "threshold": 0.123456},
+        "operating_points": {"recall_0.95": {"high_risk_recall": 0.919, "low_risk_spared": 0.597}},
+        "per_class": {"low": {"f1": 0.9}},
+        "confusion_matrix": [[1]],
+    }
+    headline = dvc_headline(metrics)
+    assert next(iter(headline)) == "high_risk_roc_auc" and headline["high_risk_roc_auc"] == 0.8642
+    assert headline["high_risk_roc_auc_ci_high"] == 0.9012 and headline["threshold"] == 0.1235
+    assert headline["high_risk_recall_at_0.95"] == 0.919
+    assert all(not isinstance(v, dict | list) for v in headline.values()), "one level: one column each"
+    assert "per_class" not in headline and "confusion_matrix" not in headline

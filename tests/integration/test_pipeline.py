@@ -93,3 +93,24 @@ def test_dvc_repro_runs_the_same_stages_and_reruns_only_what_changed(tmp_path, m
     out = run("dvc", "repro")
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'preprocess'" not in out and "Running stage 'validate'" not in out
+
+    # DVC's views: the metrics file holds only the headline figures, git tracks it (so
+    # `dvc metrics diff` finds HEAD's), and the plots' data is DVC-cached (so `dvc plots diff` can
+    # read other revisions)
+    def shown(*command: str):
+        done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{command}:\n{done.stdout}\n{done.stderr}"
+        return json.loads(done.stdout)
+
+    metrics = shown("dvc", "metrics", "show", "--json")
+    files = next(iter(metrics.values()))["data"]
+    assert list(files) == ["reports/headline.json"], list(files)
+    figures = files["reports/headline.json"]["data"]
+    assert next(iter(figures)) == "high_risk_roc_auc" and len(figures) <= 16, figures
+    run("git", "add", "dvc.yaml", "dvc.lock", "params.yaml", "reports/headline.json")
+    run("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "run 2")
+    params.write_text(params.read_text().replace("learning_rate: 0.002", "learning_rate: 0.0025"))
+    run("dvc", "repro")
+    diff = shown("dvc", "metrics", "diff", "--all", "--json")
+    assert "high_risk_roc_auc" in diff["reports/headline.json"], diff
+    assert "train.learning_rate" in shown("dvc", "params", "diff", "--json")["params.yaml"]
