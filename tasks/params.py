@@ -55,6 +55,13 @@ class PreprocessParams(_Section):
     dask_address: str = Field(
         "", description="Dask scheduler, e.g. tcp://10.0.0.5:8786; empty: a local cluster of `workers` processes"
     )
+    duplicate_max_distance: int = Field(
+        24,
+        ge=-1,
+        le=256,
+        description="images of different lesions whose perceptual hashes (256 bits, any mirror or "
+        "quarter turn) are this close are one split group (tasks/duplicates.py); -1: no search",
+    )
     risk_map: dict[str, list[str]] = Field(
         default_factory=lambda: {
             "high": ["mel"],

@@ -33,6 +33,7 @@ from tasks.atomic import atomic_directory, write_json
 from tasks.clinical import ClinicalEncoder, parse_age
 from tasks.dataset import IMAGES_FILE
 from tasks.decoding import decode_claimed_shards, decode_shard_into, share_shard_counter
+from tasks.duplicates import split_groups
 from tasks.errors import DataError
 from tasks.images import decode_shard
 from tasks.ingest import read_raw_metadata
@@ -55,6 +56,7 @@ class PreprocessSummary:
     lesions: dict[str, int]  # split -> lesions
     image_size: int
     seconds_decoding: float
+    duplicates: dict | None = None  # tasks.duplicates.SplitGroups.summary()
 
 
 def clinical_frame(raw: pd.DataFrame, source: Path) -> pd.DataFrame:
@@ -145,7 +147,8 @@ def split_by_lesion(frame: pd.DataFrame, params: PreprocessParams) -> pd.Series:
     scored in evaluation.
     """
     labels = np.full(len(frame), "train", dtype=object)
-    groups = frame["lesion_id"].to_numpy()
+    # lesions joined by near-duplicate images (tasks.duplicates) share a group
+    groups = frame["split_group" if "split_group" in frame else "lesion_id"].to_numpy()
     strata = frame["risk_level"].to_numpy()
 
     def held_out(rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -348,7 +351,15 @@ def preprocess(
         frame = frame.reset_index(drop=True)
         n_dropped = n_before - len(frame)
         decoding.start(raw_image_paths(raw_dir, frame["image_id"]))
-
+        # The duplicate search needs every image's pixels before the split: this thread decodes too
+        seconds_decoding = decoding.finish()
+        duplicates = split_groups(
+            frame["lesion_id"],
+            frame["image_id"],
+            np.load(staging / IMAGES_FILE, mmap_mode="r"),
+            params.duplicate_max_distance,
+        )
+        frame["split_group"] = duplicates.groups
         frame["split"] = split_by_lesion(frame, params)
         encoder = ClinicalEncoder.fit(frame.loc[frame["split"] == "train"], params.missing_clinical)
         clinical = encoder.transform(frame)
@@ -385,9 +396,9 @@ def preprocess(
                 "n_dropped": n_dropped,
                 "counts": counts,
                 "lesions": lesions,
+                "duplicates": duplicates.summary(),
             },
         )
-        seconds_decoding = decoding.finish()  # this thread decodes too, now that its own work is done
     summary = PreprocessSummary(
         n_images=len(frame),
         n_dropped=n_dropped,
@@ -395,6 +406,7 @@ def preprocess(
         lesions=lesions,
         image_size=params.image_size,
         seconds_decoding=round(seconds_decoding, 3),
+        duplicates=duplicates.summary(),
     )
     if reports_dir is not None:
         write_json(
@@ -404,6 +416,7 @@ def preprocess(
                 "lesions": lesions,
                 "n_images": summary.n_images,
                 "n_dropped": n_dropped,
+                "duplicates": duplicates.summary(),
             },
         )
     return summary
@@ -430,4 +443,9 @@ def format_counts(summary: PreprocessSummary) -> str:
         )
     if summary.n_dropped:
         lines.append(f"dropped {summary.n_dropped} image(s) without an age (preprocess.missing_clinical=drop)")
+    if summary.duplicates and summary.duplicates["merged_groups"]:
+        lines.append(
+            f"near-duplicate images joined {summary.duplicates['merged_lesions']} lesion_ids into "
+            f"{summary.duplicates['merged_groups']} split group(s) (preprocess.duplicate_max_distance)"
+        )
     return "\n".join(lines)
