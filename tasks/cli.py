@@ -150,7 +150,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from tasks.evaluate import evaluate, evaluate_external, format_headline, load_bundle
+    from tasks.evaluate import evaluate, evaluate_external, format_headline
+    from tasks.scored_model import load_bundle
 
     params = _params(args).evaluate
     if args.data:
@@ -209,8 +210,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
             explain_test_cases(Path(args.model), Path(args.processed_dir), Path(args.out), params, run_id=run_id)
         print(f"explained test cases (Grad-CAM overlays, SHAP summary) in {args.out}")
         return
-    from tasks.evaluate import load_bundle
     from tasks.explain import explain_case, training_background
+    from tasks.scored_model import load_bundle
 
     if args.sex is None or args.site is None:
         raise SkinriskError("a single case needs --sex and --site (and --age unless it is unknown)")
@@ -313,7 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_triage(args: argparse.Namespace) -> None:
-    from tasks.evaluate import load_bundle
+    from tasks.scored_model import load_bundle
     from tasks.triage import triage
 
     bundle = load_bundle(args.model, Path(args.processed_dir), Path(args.model_dir))

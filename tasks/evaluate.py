@@ -6,93 +6,36 @@ logged from that same dict to MLflow.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tasks.atomic import write_json, write_text
-from tasks.clinical import ClinicalEncoder
 from tasks.dataset import SplitArrays, load_split
-from tasks.decision import called_levels, level_prior
 from tasks.errors import SkinriskError
 from tasks.params import EvaluateParams
-from tasks.preprocess import CASES_FILE, ENCODER_FILE, SUMMARY_FILE, read_preprocess_summary
-from tasks.schema import RISK_LEVELS, risk_level_of
+from tasks.preprocess import CASES_FILE
+from tasks.schema import RISK_LEVELS
+from tasks.scored_model import (
+    OPERATING_POINT_FILE,
+    Bundle,
+    bundle_from_files,
+    json_safe,
+    predict_risk,
+    risk_labels,
+    score_images,
+)
 
 METRICS_FILE = "metrics.json"
 # DVC's metrics file: only the headline test figures, rounded, so `dvc metrics diff` and
 # `dvc exp show --only-changed` fit a terminal; small enough to commit with dvc.lock (git-tracked)
 HEADLINE_FILE = "headline.json"
-OPERATING_POINT_FILE = "operating_point.json"
 PREDICTIONS_FILE = "predictions.csv"
 HIGH = RISK_LEVELS.index("high")
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """What scoring needs besides the images: the model and the preprocessing it was trained with."""
-
-    model: object  # keras.Model
-    encoder: ClinicalEncoder
-    summary: dict  # preprocess.json
-    operating_point: dict | None  # {"target", "threshold", "target_recall"}
-
-    @property
-    def target(self) -> str:
-        return "risk" if self.model.output_shape[-1] == len(RISK_LEVELS) else "dx"
-
-    @property
-    def prior(self) -> np.ndarray | None:
-        """The training split's share of each risk level (see :mod:`tasks.decision`)."""
-        return level_prior(self.summary)
-
-    def called_levels(self, probs: np.ndarray) -> np.ndarray:
-        """The risk level called for each row of risk probabilities (:func:`tasks.decision.called_levels`)."""
-        return called_levels(probs, self.prior)
-
-
-def predict_risk(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Risk-level probabilities (N x 3) for uint8 images and encoded clinical features."""
-    from tasks.images import normalize_for_mobilenet
-    from tasks.metrics import risk_probabilities
-    from tasks.shards import progress
-
-    outputs = [
-        bundle.model.predict(
-            {
-                "image": normalize_for_mobilenet(images[s : s + batch_size]),
-                "clinical": clinical[s : s + batch_size],
-            },
-            verbose=0,
-        )
-        for s in progress(range(0, len(images), batch_size), "score", unit="batch")
-    ]
-    probs = np.concatenate(outputs) if outputs else np.zeros((0, bundle.model.output_shape[-1]))
-    return risk_probabilities(probs, bundle.target, bundle.summary["diagnoses"], bundle.summary["risk_map"])
-
-
-def score_images(bundle: Bundle, frame: pd.DataFrame, image_paths: list[Path]) -> np.ndarray:
-    """Risk probabilities for raw cases: image files plus parsed ``age``, ``sex``, ``localization``.
-
-    Images are decoded at the model's own input size and the clinical fields go through the
-    model's own encoder, so models trained on different data are scored on equal terms.
-    """
-    from tasks.preprocess import decode_images
-
-    images = decode_images(list(image_paths), int(bundle.summary["image_size"]))
-    return predict_risk(bundle, images, bundle.encoder.transform(frame))
-
-
-def risk_labels(bundle: Bundle, diagnoses: pd.Series) -> np.ndarray:
-    """Risk-level indices of diagnoses under the model's own risk mapping."""
-    level_of = risk_level_of(bundle.summary["risk_map"], bundle.summary["diagnoses"])
-    return diagnoses.map(level_of).map(RISK_LEVELS.index).to_numpy()
 
 
 def _lesion_groups(processed_dir: Path, split: SplitArrays) -> np.ndarray:
@@ -141,18 +84,7 @@ def _uncalibrated(bundle: Bundle) -> Bundle | None:
     if settings["temperature"] == 1.0:
         return None
     model = inference_model(single_view(bundle.model), settings["views"], 1.0)
-    return Bundle(model=model, encoder=bundle.encoder, summary=bundle.summary, operating_point=bundle.operating_point)
-
-
-def json_safe(value):
-    """NaN and infinities (undefined figures, e.g. recall of an absent class) become null."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return replace(bundle, model=model)
 
 
 def headline_figures(metrics: dict) -> dict[str, float | None]:
@@ -262,15 +194,10 @@ def evaluate(
     from sklearn.metrics import log_loss
 
     from tasks.metrics import choose_threshold, classification_figures, expected_calibration_error, operating_point_name
-    from tasks.model import load_model, scoring_settings
+    from tasks.model import scoring_settings
 
     processed_dir, reports_dir, model_dir = Path(processed_dir), Path(reports_dir), Path(model_dir)
-    bundle = Bundle(
-        model=load_model(Path(model_path)),
-        encoder=ClinicalEncoder.load(processed_dir / ENCODER_FILE),
-        summary=read_preprocess_summary(processed_dir),
-        operating_point=None,
-    )
+    bundle = bundle_from_files(Path(model_path), processed_dir)
     val, test = load_split(processed_dir, "val"), load_split(processed_dir, "test")
     val_probs = predict_risk(bundle, val.images, val.clinical)
     if not (val.risk == HIGH).any():
@@ -354,47 +281,6 @@ def log_to_run(run_id: str, metrics: dict, processed_dir: Path, reports_dir: Pat
     log_artifacts(run_id, [Path(reports_dir) / name for name in COMPARED_ARTIFACTS])
     log_artifacts(run_id, [Path(reports_dir) / name for name in DETAIL_ARTIFACTS], artifact_path="reports")
     log_split_datasets(run_id, Path(processed_dir) / CASES_FILE, ["test"])
-
-
-def _keras_file(artifacts: Path, model_uri: str) -> Path:
-    """The one ``.keras`` file of a downloaded MLflow model's ``artifacts`` folder."""
-    found = sorted(artifacts.glob("*.keras"))
-    if not found:
-        raise SkinriskError(
-            f"MLflow model {model_uri} has no .keras file in {artifacts}: give a model logged by "
-            "`skinrisk register` or the path of a saved model.keras"
-        )
-    return found[0]
-
-
-def load_bundle(model: str, processed_dir: Path, model_dir: Path) -> Bundle:
-    """A saved model path (with its processed data folder) or an MLflow model URI."""
-    from tasks.model import load_model
-
-    if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
-        import mlflow
-
-        from tasks.tracking import client
-
-        client()  # points mlflow at the configured tracking URI
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
-        except Exception as exc:
-            raise SkinriskError(f"cannot fetch MLflow model {model}: {exc}") from exc
-        artifacts = local / "artifacts"
-        return Bundle(
-            model=load_model(_keras_file(artifacts, model)),
-            encoder=ClinicalEncoder.load(artifacts / ENCODER_FILE),
-            summary=json.loads((artifacts / SUMMARY_FILE).read_text()),
-            operating_point=json.loads((artifacts / OPERATING_POINT_FILE).read_text()),
-        )
-    point = Path(model_dir) / OPERATING_POINT_FILE
-    return Bundle(
-        model=load_model(Path(model)),
-        encoder=ClinicalEncoder.load(Path(processed_dir) / ENCODER_FILE),
-        summary=read_preprocess_summary(processed_dir),
-        operating_point=json.loads(point.read_text()) if point.exists() else None,
-    )
 
 
 def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: EvaluateParams) -> dict:

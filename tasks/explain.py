@@ -272,7 +272,7 @@ def level_assignment(n_outputs: int, diagnoses: Sequence[str], risk_map: Mapping
 
 
 def bundle_assignment(bundle) -> np.ndarray:
-    """:func:`level_assignment` for a :class:`tasks.evaluate.Bundle`."""
+    """:func:`level_assignment` for a :class:`tasks.scored_model.Bundle`."""
     return level_assignment(int(bundle.model.output_shape[-1]), bundle.summary["diagnoses"], bundle.summary["risk_map"])
 
 
@@ -751,18 +751,13 @@ def explain_test_cases(
     With ``run_id`` the folder is logged to that MLflow run under ``explain/``.
     """
     from tasks.dataset import load_split
-    from tasks.evaluate import Bundle, json_safe, predict_risk
     from tasks.images import normalize_for_mobilenet
-    from tasks.model import calibrated_single_view, load_model, single_view
-    from tasks.preprocess import CASES_FILE, ENCODER_FILE, read_preprocess_summary
+    from tasks.model import calibrated_single_view, single_view
+    from tasks.preprocess import CASES_FILE
+    from tasks.scored_model import bundle_from_files, json_safe, predict_risk
 
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
-    bundle = Bundle(
-        model=load_model(Path(model_path)),
-        encoder=ClinicalEncoder.load(processed_dir / ENCODER_FILE),
-        summary=read_preprocess_summary(processed_dir),
-        operating_point=None,
-    )
+    bundle = bundle_from_files(Path(model_path), processed_dir)
     test = load_split(processed_dir, "test")
     cases = pd.read_csv(processed_dir / CASES_FILE, keep_default_na=False, na_values={"age": [""]})
     raw_test = cases.set_index("image_id").loc[test.image_id, list(SHAP_VARIABLES)].reset_index(drop=True)
@@ -912,15 +907,15 @@ def explain_case(
 ) -> dict:
     """Score and explain one case: risk probabilities, Grad-CAM overlay, clinical SHAP values.
 
-    ``bundle`` is a :class:`tasks.evaluate.Bundle` (e.g. from ``load_bundle``). Writes
+    ``bundle`` is a :class:`tasks.scored_model.Bundle` (e.g. from ``load_bundle``). Writes
     ``out_dir/gradcam.png``, ``out_dir/shap.png`` and ``out_dir/explanation.json`` (each
     atomically) and returns the JSON's content. The explained level is the predicted one.
     ``background`` holds raw ``age, sex, localization`` rows for SHAP (e.g.
     :func:`training_background`); without it :func:`neutral_background` is used.
     """
-    from tasks.evaluate import json_safe, predict_risk
     from tasks.images import load_image, normalize_for_mobilenet
     from tasks.model import calibrated_single_view, single_view
+    from tasks.scored_model import json_safe, predict_risk
 
     image = Path(image)
     raw = validate_case(bundle.encoder, age, sex, site)

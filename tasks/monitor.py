@@ -37,7 +37,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,9 +47,7 @@ from tasks.clinical import ClinicalEncoder, parse_age
 from tasks.errors import DataError, SkinriskError
 from tasks.params import MonitorParams
 from tasks.schema import LOCALIZATIONS, RISK_LEVELS, SEXES
-
-if TYPE_CHECKING:
-    from tasks.evaluate import Bundle
+from tasks.scored_model import Bundle, bundle_from_files, json_safe, load_bundle
 
 MONITORING_EXPERIMENT = "skinrisk-monitoring"
 REFERENCE_FILE = "reference_profile.parquet"
@@ -343,8 +341,6 @@ class ReferenceProfile:
 
     def bundle(self, model) -> Bundle:
         """A scoring bundle of ``model`` with the encoder and preprocessing the profile recorded."""
-        from tasks.evaluate import Bundle
-
         return Bundle(model=model, encoder=self.encoder, summary=self.preprocess, operating_point=None)
 
 
@@ -399,8 +395,7 @@ def build_reference_profile(
     monitored. The sample is drawn with ``params.seed``.
     """
     from tasks.dataset import load_split
-    from tasks.model import load_model
-    from tasks.preprocess import CASES_FILE, ENCODER_FILE, read_preprocess_summary
+    from tasks.preprocess import CASES_FILE
     from tasks.schema import raw_image_path
 
     processed_dir = Path(processed_dir)
@@ -429,14 +424,7 @@ def build_reference_profile(
         if all(p.exists() for p in paths):
             sizes = original_sizes(paths)
 
-    from tasks.evaluate import Bundle
-
-    bundle = Bundle(
-        model=load_model(Path(model_path)),
-        encoder=ClinicalEncoder.load(processed_dir / ENCODER_FILE),
-        summary=read_preprocess_summary(processed_dir),
-        operating_point=None,
-    )
+    bundle = bundle_from_files(Path(model_path), processed_dir)
     profile = fit_reference(
         bundle,
         frame,
@@ -926,8 +914,6 @@ def model_version(model: Bundle | Path | str, fingerprint: str) -> str:
     """The monitored model as a person names it: ``skinrisk v3`` where an MLflow URI names a
     registered version (or an alias of one), else the file name and the start of its weights'
     fingerprint (which always tells two models apart)."""
-    from tasks.evaluate import Bundle
-
     weights = f"weights {fingerprint[:12]}"
     if isinstance(model, Bundle):
         return weights
@@ -1094,14 +1080,10 @@ def start_monitoring_run(batch: Path | str, reference_path: Path | str, params: 
 
 
 def _resolve_bundle(model: Bundle | Path | str, reference: ReferenceProfile) -> Bundle:
-    from tasks.evaluate import Bundle
-
     if isinstance(model, Bundle):
         return model
     text = str(model)
     if "://" in text or text.startswith(("models:/", "runs:/")):
-        from tasks.evaluate import load_bundle
-
         return load_bundle(text, Path("."), Path("."))  # MLflow URIs carry their own encoder
     from tasks.model import load_model
 
@@ -1128,14 +1110,13 @@ def monitor_batch(
     """Compare ``batch`` with the reference profile; write the report and summary; log; maybe retrain.
 
     ``model`` is the model the profile was built with: a ``.keras`` path, an MLflow model URI
-    (``models:/skinrisk@champion``) or a loaded :class:`~tasks.evaluate.Bundle`. With ``run_id`` the
+    (``models:/skinrisk@champion``) or a loaded :class:`~tasks.scored_model.Bundle`. With ``run_id`` the
     results are logged to that MLflow run (left open); otherwise, when ``track``, a new run is
     opened in ``skinrisk-monitoring`` and closed. ``retrain=False`` records the alarm without
     triggering the ``params.retrain_deployment``. With ``workspace`` (a local Evidently workspace
     folder) the report is also added there as a snapshot of the project ``skinrisk``, the history
     that ``out_dir``'s files (the latest batch) are not.
     """
-    from tasks.evaluate import Bundle, json_safe
     from tasks.preprocess import decode_images
 
     reference_path, batch, out_dir = Path(reference_path), Path(batch), Path(out_dir)

@@ -103,9 +103,10 @@ def model_figures(
 ) -> dict:
     """Headline figures of one model on the evaluation cases, at the model's own threshold; the ECE
     over ``calibration_bins`` bins, as ``evaluate.calibration_bins`` gives it in metrics.json."""
-    from tasks.evaluate import headline_figures, json_safe, risk_labels, score_images
+    from tasks.evaluate import headline_figures
     from tasks.metrics import classification_figures
     from tasks.schema import RISK_LEVELS
+    from tasks.scored_model import json_safe, risk_labels, score_images
 
     if bundle.operating_point is None:
         raise SkinriskError("the model carries no operating point: evaluate it before promotion")
@@ -148,7 +149,7 @@ def promote(
 ) -> PromotionDecision:
     """Compare ``@challenger`` with ``@champion`` and move the aliases if every gate passes (the
     ECE gate over ``calibration_bins`` bins: pass ``evaluate.calibration_bins``)."""
-    from tasks.evaluate import load_bundle
+    from tasks.scored_model import load_bundle
 
     challenger = _version_for(name, CHALLENGER)
     if challenger is None:

@@ -67,8 +67,9 @@ def run_id_of(model_dir: Path) -> str:
 
 def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir: Path, run_id: str):
     """Log the pyfunc to the run, register it as ``challenger`` and close the run."""
-    from tasks.evaluate import METRICS_FILE, OPERATING_POINT_FILE, headline_figures
+    from tasks.evaluate import METRICS_FILE, headline_figures
     from tasks.register import register_model
+    from tasks.scored_model import OPERATING_POINT_FILE
     from tasks.tracking import end_run
 
     metrics_path = Path(reports_dir) / METRICS_FILE

@@ -7,7 +7,7 @@ served prediction equals the pipeline's own for the same case.
 
 ``score_cases`` is the whole scoring path as a plain function, callable without MLflow;
 ``RiskModel`` only loads the artifacts and calls it. Batch triage and explain do not go through
-it: they score a ``tasks.evaluate.Bundle`` with ``tasks.evaluate.predict_risk``.
+it: they score a ``tasks.scored_model.Bundle`` with ``tasks.scored_model.predict_risk``.
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def triage(
     """
     import time
 
-    from tasks.evaluate import predict_risk
+    from tasks.scored_model import predict_risk
 
     cases_csv, out_csv = Path(cases_csv), Path(out_csv)
     if not cases_csv.is_file():

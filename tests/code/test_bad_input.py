@@ -134,7 +134,7 @@ def test_an_mlflow_model_without_a_keras_file_is_one_clear_error(tmp_path, monke
 
     import tasks.tracking
     from tasks.errors import SkinriskError
-    from tasks.evaluate import load_bundle
+    from tasks.scored_model import load_bundle
 
     (tmp_path / "artifacts").mkdir()
     monkeypatch.setattr(tasks.tracking, "client", lambda: None)

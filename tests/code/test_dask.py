@@ -70,9 +70,9 @@ def test_preprocess_on_dask_writes_the_same_splits(scheduler, raw_dir, tmp_path)
 
 def test_triage_on_dask_writes_the_same_queue(scheduler, raw_dir, processed_dir, tmp_path):
     from tasks.clinical import ClinicalEncoder
-    from tasks.evaluate import Bundle
     from tasks.model import build_model
     from tasks.preprocess import read_preprocess_summary
+    from tasks.scored_model import Bundle
     from tasks.triage import triage
     from tests.support import tiny_train_params
 

@@ -173,8 +173,8 @@ def test_the_auxiliary_diagnosis_head_is_not_served():
 
 
 def test_the_pyfunc_and_evaluate_give_the_same_calibrated_probabilities(saved, tmp_path):
-    from tasks.evaluate import Bundle, predict_risk
     from tasks.images import load_image
+    from tasks.scored_model import Bundle, predict_risk
     from tasks.serving import RiskModel
 
     processed = tmp_path / "processed"

@@ -427,8 +427,8 @@ def test_explain_test_cases_writes_every_file_and_logs_them(processed_dir, tmp_p
 
 @pytest.fixture(scope="module")
 def case_bundle(processed_dir, tmp_path_factory):
-    from tasks.evaluate import Bundle
     from tasks.preprocess import read_preprocess_summary
+    from tasks.scored_model import Bundle
 
     path = tmp_path_factory.mktemp("case-model") / "model.keras"
     model, encoder = _save_model(path, processed_dir, n_outputs=len(DIAGNOSES))

@@ -388,8 +388,8 @@ def test_quick_verdicts_agree_with_the_evidently_report(reference_path, bundle, 
 def test_a_reference_of_another_model_is_refused(reference_path, bundle, batches, tmp_path):
     import keras
 
-    from tasks.evaluate import Bundle
     from tasks.monitor import monitor_batch
+    from tasks.scored_model import Bundle
 
     other = Bundle(keras.models.clone_model(bundle.model), bundle.encoder, bundle.summary, None)
     with pytest.raises(SkinriskError, match="built with another model"):

@@ -90,8 +90,8 @@ def test_promotion_gates_aliases_and_rollback(trained, learnable, mlflow_store, 
 
 
 def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, mlflow_store, tmp_path):
-    from tasks.evaluate import load_bundle
     from tasks.promote import promote
+    from tasks.scored_model import load_bundle
     from tasks.triage import ACTIONS, triage
 
     out, result, _ = trained
@@ -158,8 +158,8 @@ def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, m
 
 def test_the_ece_gate_measures_over_evaluate_s_bins(trained, learnable):
     """The gate's ECE is the one metrics.json reports: over ``evaluate.calibration_bins`` bins."""
-    from tasks.evaluate import load_bundle
     from tasks.promote import evaluation_cases, model_figures
+    from tasks.scored_model import load_bundle
 
     out, result, _ = trained
     processed, raw = learnable / "processed", learnable / "raw"
