@@ -17,7 +17,9 @@ import pandas as pd
 from tasks.atomic import write_json, write_text
 from tasks.dataset import SplitArrays, load_split
 from tasks.errors import SkinriskError
+from tasks.metrics import headline_figures
 from tasks.params import EvaluateParams
+from tasks.paths import METRICS_FILE
 from tasks.preprocess import CASES_FILE
 from tasks.schema import RISK_LEVELS
 from tasks.scored_model import (
@@ -30,7 +32,6 @@ from tasks.scored_model import (
     score_images,
 )
 
-METRICS_FILE = "metrics.json"
 # DVC's metrics file: only the headline test figures, rounded, so `dvc metrics diff` and
 # `dvc exp show --only-changed` fit a terminal; small enough to commit with dvc.lock (git-tracked)
 HEADLINE_FILE = "headline.json"
@@ -85,24 +86,6 @@ def _uncalibrated(bundle: Bundle) -> Bundle | None:
         return None
     model = inference_model(single_view(bundle.model), settings["views"], 1.0)
     return replace(bundle, model=model)
-
-
-def headline_figures(metrics: dict) -> dict[str, float | None]:
-    """The figures a triage user looks at first, in that order: melanoma discrimination, the
-    operating point, 3-level balanced accuracy, calibration; the macro averages last."""
-    triage = metrics.get("triage") or {}
-    return {
-        "high_risk_roc_auc": metrics.get("high_risk_roc_auc"),
-        "high_risk_pr_auc": metrics.get("high_risk_pr_auc"),
-        "high_risk_recall": triage.get("high_risk_recall"),
-        "specificity": triage.get("specificity"),
-        "low_risk_spared": triage.get("low_risk_spared"),
-        "threshold": triage.get("threshold"),
-        "balanced_accuracy": metrics.get("balanced_accuracy"),
-        "ece": metrics.get("ece"),
-        "macro_f1": metrics.get("macro_f1"),
-        "roc_auc_ovr": metrics.get("roc_auc_ovr"),
-    }
 
 
 def dvc_headline(metrics: dict) -> dict:

@@ -635,3 +635,21 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("Training curves")
     _save(fig, path)
+
+
+def headline_figures(metrics: dict) -> dict[str, float | None]:
+    """The figures a triage user looks at first, in that order: melanoma discrimination, the
+    operating point, 3-level balanced accuracy, calibration; the macro averages last."""
+    triage = metrics.get("triage") or {}
+    return {
+        "high_risk_roc_auc": metrics.get("high_risk_roc_auc"),
+        "high_risk_pr_auc": metrics.get("high_risk_pr_auc"),
+        "high_risk_recall": triage.get("high_risk_recall"),
+        "specificity": triage.get("specificity"),
+        "low_risk_spared": triage.get("low_risk_spared"),
+        "threshold": triage.get("threshold"),
+        "balanced_accuracy": metrics.get("balanced_accuracy"),
+        "ece": metrics.get("ece"),
+        "macro_f1": metrics.get("macro_f1"),
+        "roc_auc_ovr": metrics.get("roc_auc_ovr"),
+    }

@@ -148,7 +148,7 @@ def evaluate(
     run_id: str,
 ) -> dict:
     from tasks.evaluate import evaluate as run_evaluate
-    from tasks.evaluate import headline_figures
+    from tasks.metrics import headline_figures
 
     metrics = run_evaluate(
         Path(model_path),

@@ -103,8 +103,7 @@ def model_figures(
 ) -> dict:
     """Headline figures of one model on the evaluation cases, at the model's own threshold; the ECE
     over ``calibration_bins`` bins, as ``evaluate.calibration_bins`` gives it in metrics.json."""
-    from tasks.evaluate import headline_figures
-    from tasks.metrics import classification_figures
+    from tasks.metrics import classification_figures, headline_figures
     from tasks.schema import RISK_LEVELS
     from tasks.scored_model import json_safe, risk_labels, score_images
 

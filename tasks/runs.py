@@ -67,7 +67,8 @@ def run_id_of(model_dir: Path) -> str:
 
 def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir: Path, run_id: str):
     """Log the pyfunc to the run, register it as ``challenger`` and close the run."""
-    from tasks.evaluate import METRICS_FILE, headline_figures
+    from tasks.metrics import headline_figures
+    from tasks.paths import METRICS_FILE
     from tasks.register import register_model
     from tasks.scored_model import OPERATING_POINT_FILE
     from tasks.tracking import end_run
