@@ -39,10 +39,33 @@ PREDICTIONS_FILE = "predictions.csv"
 HIGH = RISK_LEVELS.index("high")
 
 
-def _lesion_groups(processed_dir: Path, split: SplitArrays) -> np.ndarray:
-    cases = pd.read_csv(Path(processed_dir) / CASES_FILE, usecols=["image_id", "lesion_id"])
-    lookup = dict(zip(cases["image_id"], cases["lesion_id"], strict=True))
-    return np.array([lookup[i] for i in split.image_id])
+def _split_cases(processed_dir: Path, split: SplitArrays) -> pd.DataFrame:
+    """The case-table rows of ``split``'s images, in the split's order."""
+    cases = pd.read_csv(Path(processed_dir) / CASES_FILE, dtype={"image_id": str, "lesion_id": str})
+    return cases.set_index("image_id").loc[list(map(str, split.image_id))].reset_index()
+
+
+def _lesion_groups(cases: pd.DataFrame) -> np.ndarray:
+    """What the bootstrap resamples: lesions, joined by near-duplicate images (``split_group``)."""
+    return cases["split_group" if "split_group" in cases else "lesion_id"].astype(str).to_numpy()
+
+
+def subgroup_report(cases: pd.DataFrame, y, probs, called, groups, threshold: float, params: EvaluateParams) -> dict:
+    """:func:`tasks.subgroups.subgroup_figures` with the evaluate stage's bootstrap settings."""
+    from tasks.subgroups import subgroup_figures
+
+    return subgroup_figures(
+        cases,
+        y,
+        probs,
+        called,
+        groups,
+        threshold,
+        risk_levels=list(RISK_LEVELS),
+        high_index=HIGH,
+        n_resamples=params.bootstrap_resamples,
+        seed=params.seed,
+    )
 
 
 def _write_plots(
@@ -199,7 +222,8 @@ def evaluate(
     }
 
     test_probs = predict_risk(bundle, test.images, test.clinical)
-    groups = _lesion_groups(processed_dir, test)
+    test_cases = _split_cases(processed_dir, test)
+    groups = _lesion_groups(test_cases)
     metrics = classification_figures(
         test.risk,
         test_probs,
@@ -224,6 +248,8 @@ def evaluate(
             "log_loss_before": float(log_loss(test.risk, raw_probs, labels=range(len(RISK_LEVELS)))),
             "log_loss_after": metrics["loss"],
         }
+    called = bundle.called_levels(test_probs)
+    metrics["subgroups"] = subgroup_report(test_cases, test.risk, test_probs, called, groups, threshold, params)
     metrics = json_safe({**metrics, "n_test_images": len(test), "operating_point": operating_point})
 
     reports_dir.mkdir(parents=True, exist_ok=True)
@@ -234,14 +260,18 @@ def evaluate(
         {
             "image_id": test.image_id,
             "actual": [RISK_LEVELS[i] for i in test.risk],
-            "predicted": [RISK_LEVELS[i] for i in bundle.called_levels(test_probs)],
+            "predicted": [RISK_LEVELS[i] for i in called],
             **{f"p_{level}": test_probs[:, i] for i, level in enumerate(RISK_LEVELS)},
+            "referred": test_probs[:, HIGH] >= threshold,
+            # the clinical columns, so a reader can slice without a join
+            **{column: test_cases[column].to_numpy() for column in SLICE_COLUMNS if column in test_cases},
         }
     )
     with tempfile.NamedTemporaryFile("w", dir=reports_dir, suffix=".tmp", delete=False) as handle:
         predictions.to_csv(handle, index=False)
     os.replace(handle.name, reports_dir / PREDICTIONS_FILE)
     _write_plots(metrics, test.risk, test_probs, reports_dir, params, reports_dir / "training_history.csv", raw_probs)
+    _write_subgroups(metrics["subgroups"], reports_dir)
     write_json(model_dir / OPERATING_POINT_FILE, operating_point)
 
     if run_id:
@@ -249,10 +279,29 @@ def evaluate(
     return metrics
 
 
+SLICE_COLUMNS = ("lesion_id", "dx", "dx_type", "age", "sex", "localization")
+SUBGROUPS_FILE = "subgroups.md"
+
+
+def _write_subgroups(report: dict, reports_dir: Path) -> None:
+    """The subgroup table (Markdown) and its forest plot beside the other reports."""
+    from tasks.subgroups import format_subgroups, plot_subgroups
+
+    flagged = ", ".join(report["flagged"]) or "none"
+    write_text(
+        Path(reports_dir) / SUBGROUPS_FILE,
+        "# Test figures by subgroup\n\n"
+        f"Flagged (high-risk recall interval wholly below the overall figure): {flagged}.\n\n"
+        + format_subgroups(report)
+        + "\n",
+    )
+    plot_subgroups(report, Path(reports_dir) / "subgroups.png")
+
+
 # What a person compares across runs sits at the artifact root: MLflow's run comparison shows
 # only the files common to every run's root. The rest of the reports go under reports/.
-COMPARED_ARTIFACTS = (METRICS_FILE, "confusion_matrix.png", "reliability.png", "training_curves.png")
-DETAIL_ARTIFACTS = ("classification_report.txt", PREDICTIONS_FILE, "training_history.csv")
+COMPARED_ARTIFACTS = (METRICS_FILE, "confusion_matrix.png", "reliability.png", "training_curves.png", "subgroups.png")
+DETAIL_ARTIFACTS = ("classification_report.txt", PREDICTIONS_FILE, "training_history.csv", SUBGROUPS_FILE)
 
 
 def log_to_run(run_id: str, metrics: dict, processed_dir: Path, reports_dir: Path) -> None:
@@ -260,7 +309,12 @@ def log_to_run(run_id: str, metrics: dict, processed_dir: Path, reports_dir: Pat
     curves' ``loss``, ``accuracy``...), the reports, and the test split as the run's dataset."""
     from tasks.tracking import log_artifacts, log_metrics, log_split_datasets
 
-    log_metrics(run_id, {k: v for k, v in metrics.items() if k != "confusion_matrix"}, prefix="test_")
+    # the subgroup table is an artifact (subgroups.md, subgroups.png, metrics.json), not 200 metric keys
+    log_metrics(
+        run_id, {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "subgroups")}, prefix="test_"
+    )
+    if metrics.get("subgroups"):
+        log_metrics(run_id, {"subgroups_flagged": len(metrics["subgroups"]["flagged"])}, prefix="test_")
     log_artifacts(run_id, [Path(reports_dir) / name for name in COMPARED_ARTIFACTS])
     log_artifacts(run_id, [Path(reports_dir) / name for name in DETAIL_ARTIFACTS], artifact_path="reports")
     log_split_datasets(run_id, Path(processed_dir) / CASES_FILE, ["test"])
@@ -299,6 +353,10 @@ def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: Eval
         prior=bundle.prior,
         calibration_bins=params.calibration_bins,
     )
+    if threshold is not None:
+        groups = frame["lesion_id"].astype(str).to_numpy()
+        called = bundle.called_levels(probs)
+        metrics["subgroups"] = subgroup_report(frame, y_true, probs, called, groups, threshold, params)
     metrics = json_safe({**metrics, "n_images": len(frame), "source": str(source)})
     write_json(Path(out_file), metrics)
     return metrics

@@ -201,6 +201,11 @@ def test_the_figures_people_compare_sit_at_the_artifact_root(run_id, cases_file,
 
     store = tracking.client()
     root = {a.path for a in store.list_artifacts(run_id) if not a.is_dir}
-    assert root == {"metrics.json", "confusion_matrix.png", "reliability.png", "training_curves.png"}
+    assert root == {"metrics.json", "confusion_matrix.png", "reliability.png", "training_curves.png", "subgroups.png"}
     detail = {a.path for a in store.list_artifacts(run_id, "reports")}
-    assert detail == {"reports/classification_report.txt", "reports/predictions.csv", "reports/training_history.csv"}
+    assert detail == {
+        "reports/classification_report.txt",
+        "reports/predictions.csv",
+        "reports/training_history.csv",
+        "reports/subgroups.md",
+    }
