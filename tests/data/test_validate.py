@@ -231,7 +231,7 @@ def test_renamed_column_fails_naming_missing_and_unexpected(raw: Path, reports: 
     assert "unexpected column 'diagnosis'" in str(error)
 
 
-def test_unknown_diagnosis_fails(raw: Path, reports: Path) -> None:
+def _fails_on_an_unknown_diagnosis(raw: Path, reports: Path) -> ValidationFailed:
     rows = _rows()
     rows[4]["dx"] = "xyz"
     write_metadata(raw, rows)
@@ -240,6 +240,11 @@ def test_unknown_diagnosis_fails(raw: Path, reports: Path) -> None:
     assert failed_checks(error) == [("metadata", "dx")]
     # Row 4 of the data is line 6 of the file (the header is line 1).
     assert "line 6 (image_id ISIC_0000004): dx='xyz'" in str(error)
+    return error
+
+
+def test_unknown_diagnosis_fails(raw: Path, reports: Path) -> None:
+    _fails_on_an_unknown_diagnosis(raw, reports)
 
 
 def test_age_that_is_not_a_number_fails(raw: Path, reports: Path) -> None:
@@ -455,13 +460,7 @@ def test_saved_suites_match_the_schema() -> None:
 
 def test_data_docs_show_the_suite_and_the_failing_expectation(raw: Path, reports: Path) -> None:
     project_before = _files(GX_PROJECT)
-    rows = _rows()
-    rows[4]["dx"] = "xyz"
-    write_metadata(raw, rows)
-    error = fails(raw, reports)
-
-    assert failed_checks(error) == [("metadata", "dx")]
-    assert "line 6 (image_id ISIC_0000004): dx='xyz'" in str(error)
+    error = _fails_on_an_unknown_diagnosis(raw, reports)
     index = reports / "gx" / "data_docs" / "local_site" / "index.html"
     assert error.data_docs == index and f"Data Docs: {index}" in str(error)
     assert json.loads((reports / "validation.json").read_text())["data_docs"] == str(index)
