@@ -29,8 +29,7 @@ from tasks.clinical import ClinicalEncoder
 from tasks.evaluate import Bundle, load_bundle
 from tasks.explain import explain_case, training_background
 from tasks.params import ExplainParams, PreprocessParams, TrainParams
-from tasks.preprocess import CASES_FILE
-from tasks.schema import DIAGNOSES, LOCALIZATIONS, RISK_LEVELS, SEXES
+from tasks.schema import CASES_FILE, DIAGNOSES, LOCALIZATIONS, RISK_LEVELS, SEXES
 from tasks.synth import IMAGES_PART_1, IMAGES_PART_2, synthesize_ham10000
 
 
@@ -102,7 +101,7 @@ def main() -> None:
 
     timed = seconds[args.warmup :]
     p90 = float(np.quantile(timed, 0.9))
-    print(f"model: {source}, input {bundle.summary['image_size']} px, loaded in {load_seconds:.1f} s")
+    print(f"model: {source}, input {bundle.summary.image_size} px, loaded in {load_seconds:.1f} s")
     print(
         f"SHAP background: {'training cases' if background is not None else 'neutral (encoder)'}, cores: {os.cpu_count()}"
     )

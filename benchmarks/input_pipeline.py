@@ -36,7 +36,7 @@ def main() -> None:
     from tasks.images import normalize_for_mobilenet
     from tasks.model import build_model
     from tasks.params import load_params
-    from tasks.preprocess import read_preprocess_summary
+    from tasks.schema import read_preprocess_summary
 
     params = load_params(args.params).train
     summary = read_preprocess_summary(args.processed_dir)
@@ -44,7 +44,7 @@ def main() -> None:
     n = min(args.images, len(train))
     n -= n % params.batch_size
     subset = type(train)(**{k: getattr(train, k)[:n] for k in train.__dataclass_fields__})
-    model = build_model(summary["image_size"], train.clinical.shape[1], 3, params)
+    model = build_model(summary.image_size, train.clinical.shape[1], 3, params)
     model.compile(optimizer=keras.optimizers.Adam(params.learning_rate), loss="sparse_categorical_crossentropy")
 
     tensors = ({"image": normalize_for_mobilenet(subset.images), "clinical": subset.clinical}, subset.risk)

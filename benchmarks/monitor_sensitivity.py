@@ -91,7 +91,7 @@ def _outputs_with_clinical(bundle, embeddings: np.ndarray, clinical: np.ndarray)
     from tasks.model import head_of
 
     probs = head_of(bundle.model).predict([embeddings, clinical], batch_size=256, verbose=0)
-    risk = risk_probabilities(probs, bundle.target, bundle.summary["diagnoses"], bundle.summary["risk_map"])
+    risk = risk_probabilities(probs, bundle.target, bundle.summary.diagnoses, bundle.summary.risk_map)
     return mon.ModelOutputs(embeddings, np.asarray(risk, dtype=np.float64))
 
 
@@ -216,8 +216,10 @@ def main() -> None:
     params = MonitorParams()
     started = time.perf_counter()
 
+    from tasks.images import decode_images
     from tasks.ingest import import_dataset
-    from tasks.preprocess import CASES_FILE, decode_images, preprocess
+    from tasks.preprocess import preprocess
+    from tasks.schema import CASES_FILE
 
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as scratch_name:
         scratch = Path(scratch_name)

@@ -3,7 +3,7 @@
 # `dvc repro` timed, then the test figures. Usage: benchmarks/real_data_pipeline.sh [DATA] [--set ...]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-data=${1:-$root/../shared/data/ham10000-200px}
+data=$(realpath "${1:-$root/../shared/data/ham10000-200px}")
 work=$(mktemp -d /tmp/skinrisk-real-XXXX)
 git clone -q "$root" "$work/skinrisk"
 cd "$work/skinrisk"

@@ -5,7 +5,8 @@ profile built at training time, writes ``drift_report.html``/``.json`` and ``dri
 adds the report to the Evidently workspace (``evidently ui --workspace reports/evidently``), logs a
 run to the MLflow experiment ``skinrisk-monitoring`` and, on alarm, triggers the
 ``monitor.retrain_deployment`` Prefect deployment. The stage logic lives in ``tasks.monitor``; the
-tasks below only parse parameters and pass paths and run ids, like ``tasks.prefect_tasks``.
+tasks below take paths, run ids and the monitor section of params.yaml (parsed once per flow run),
+like ``tasks.prefect_tasks``.
 """
 
 from __future__ import annotations
@@ -19,21 +20,18 @@ from prefect.cache_policies import NO_CACHE
 from tasks import paths
 from tasks.params import MonitorParams, load_params
 
-DEFAULT_REFERENCE = str(paths.MODELS_DIR / "reference_profile.parquet")  # tasks.monitor.REFERENCE_FILE
-DEFAULT_MODEL = str(paths.MODELS_DIR / "model.keras")
-DEFAULT_OUT_DIR = str(paths.REPORTS_DIR / "monitoring")
+# The Prefect workspace's model and reference (the retraining deployment's), its reports beside them.
+DEFAULT_REFERENCE = str(paths.PREFECT_MODELS_DIR / "reference_profile.parquet")  # tasks.monitor.REFERENCE_FILE
+DEFAULT_MODEL = str(paths.PREFECT_MODELS_DIR / "model.keras")
+DEFAULT_OUT_DIR = str(paths.PREFECT_REPORTS_DIR / "monitoring")
 DEFAULT_WORKSPACE = str(paths.REPORTS_DIR / "evidently")  # every run's snapshot: the drift history
 
 
-def _monitor_params(params_file: str, overrides: list[str]) -> MonitorParams:
-    return load_params(params_file, overrides).monitor
-
-
 @task(name="start-monitoring-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def start_monitoring_run(batch: str, reference: str, params_file: str, overrides: list[str]) -> str:
+def start_monitoring_run(batch: str, reference: str, params: MonitorParams) -> str:
     from tasks.monitor import start_monitoring_run as start
 
-    return start(batch, reference, _monitor_params(params_file, overrides))
+    return start(batch, reference, params)
 
 
 @task(name="monitor-batch", cache_policy=NO_CACHE)
@@ -42,8 +40,7 @@ def monitor_batch(
     reference: str,
     model: str,
     out_dir: str,
-    params_file: str,
-    overrides: list[str],
+    params: MonitorParams,
     run_id: str,
     images_dir: str | None,
     retrain: bool,
@@ -56,7 +53,7 @@ def monitor_batch(
         model,
         Path(batch),
         Path(out_dir),
-        _monitor_params(params_file, overrides),
+        params,
         images_dir=Path(images_dir) if images_dir else None,
         run_id=run_id,
         retrain=retrain,
@@ -114,12 +111,10 @@ def monitoring_flow(
     whose image paths are relative to another folder than the CSV's. ``workspace`` is the local
     Evidently workspace each run is added to (``None``: not recorded there).
     """
-    overrides = list(overrides or [])
-    run_id = start_monitoring_run(batch, reference, params_file, overrides)
+    params = load_params(params_file, list(overrides or [])).monitor  # once per flow run
+    run_id = start_monitoring_run(batch, reference, params)
     try:
-        summary_path = monitor_batch(
-            batch, reference, model, out_dir, params_file, overrides, run_id, images_dir, retrain, workspace
-        )
+        summary_path = monitor_batch(batch, reference, model, out_dir, params, run_id, images_dir, retrain, workspace)
     except BaseException as exc:
         from tasks.tracking import ending_status
 

@@ -14,9 +14,9 @@ def retraining_flow(
     params_file: str = str(paths.PARAMS_FILE),
     overrides: list[str] | None = None,
     raw_dir: str = str(paths.RAW_DIR),
-    processed_dir: str = str(paths.PROCESSED_DIR),
-    model_dir: str = str(paths.MODELS_DIR),
-    reports_dir: str = str(paths.REPORTS_DIR),
+    processed_dir: str = str(paths.PREFECT_PROCESSED_DIR),
+    model_dir: str = str(paths.PREFECT_MODELS_DIR),
+    reports_dir: str = str(paths.PREFECT_REPORTS_DIR),
     synthetic_dir: str = str(paths.SYNTHETIC_DIR),
 ) -> dict:
     """Train and register a challenger, then let the promotion gates decide on it."""

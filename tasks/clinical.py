@@ -17,16 +17,25 @@ import pandas as pd
 
 from tasks.atomic import write_json
 from tasks.errors import DataError
-from tasks.schema import AGE_RANGE, LOCALIZATIONS, SEXES
+from tasks.metadata import require_columns
+from tasks.schema import AGE_RANGE, DIAGNOSES, LOCALIZATIONS, SEXES
+
+
+def is_blank(value: object) -> bool:
+    """None, NaN, pandas' NA or an empty string: a field left empty."""
+    if isinstance(value, str):
+        return not value.strip()
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):  # arrays and other non-scalars are values, if wrong ones
+        return False
 
 
 def parse_age(value: object, where: str = "age") -> float:
     """A metadata age cell as a float; blank means unknown (NaN). Raises on anything else."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if is_blank(value):
         return math.nan
     text = str(value).strip()
-    if text == "":
-        return math.nan
     try:
         age = float(text)
     except ValueError:
@@ -35,6 +44,12 @@ def parse_age(value: object, where: str = "age") -> float:
     if not low <= age <= high:
         raise DataError(f"{where}: age {age:g} is outside {low:g}-{high:g} years")
     return age
+
+
+AGE_REQUIRED = (
+    "missing, and this model was trained only on cases with a known age "
+    "(preprocess.missing_clinical=drop); give the age in years"
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,37 @@ class ClinicalEncoder:
             age_fill=float(ages.median()),
             missing_policy=missing_policy,
         )
+
+    def problems(self, age: object, sex: object, localization: object) -> tuple[float, dict[str, str]]:
+        """One case's raw clinical fields checked against this encoder: the parsed age (NaN when
+        unknown) and, per field (``age``, ``sex``, ``localization``), what is wrong with it.
+
+        The one place these rules live: serving, triage, explanation and the triage page all check
+        a case here, so an age refused under ``missing_clinical: drop`` is refused everywhere.
+        """
+        problems: dict[str, str] = {}
+        age_value = math.nan
+        try:
+            age_value = parse_age(age, where="age")
+        except DataError as exc:
+            problems["age"] = f"{str(exc).removeprefix('age: ')}; give the age in years, or leave it blank when unknown"
+        else:
+            if math.isnan(age_value) and self.missing_policy == "drop":
+                problems["age"] = AGE_REQUIRED
+        for name, value, accepted in (("sex", sex, self.sexes), ("localization", localization, self.localizations)):
+            if is_blank(value):
+                problems[name] = f"missing; accepted: {list(accepted)}"
+            elif value not in accepted:
+                problems[name] = f"unknown {name} {value!r}; accepted: {list(accepted)}"
+        return age_value, problems
+
+    def check(self, age: object, sex: object, localization: object) -> float:
+        """The parsed age of a valid case; a DataError naming the first wrong field otherwise."""
+        age_value, problems = self.problems(age, sex, localization)
+        if problems:
+            name, problem = next(iter(problems.items()))
+            raise DataError(f"{name}: {problem}")
+        return age_value
 
     @property
     def feature_names(self) -> list[str]:
@@ -114,3 +160,23 @@ class ClinicalEncoder:
         payload["sexes"] = tuple(payload["sexes"])
         payload["localizations"] = tuple(payload["localizations"])
         return cls(**payload)
+
+
+def clinical_frame(raw: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """Typed clinical columns from the raw string table, with errors naming the row."""
+    require_columns(raw, source)
+    frame = raw.copy()
+    ages = []
+    for line, (image_id, value) in enumerate(zip(frame["image_id"], frame["age"], strict=True), 2):
+        ages.append(parse_age(value, where=f"{source} line {line} (image_id {image_id})"))
+    frame["age"] = ages
+    for column, accepted in (("dx", DIAGNOSES), ("sex", SEXES), ("localization", LOCALIZATIONS)):
+        unknown = frame.loc[~frame[column].isin(accepted)]
+        if not unknown.empty:
+            first = unknown.index[0]
+            raise DataError(
+                f"{source} line {first + 2} (image_id {unknown.at[first, 'image_id']}): unknown {column} "
+                f"{unknown.at[first, column]!r} ({len(unknown)} row(s) in all); accepted: {list(accepted)}. "
+                "Run `skinrisk validate` for the full list."
+            )
+    return frame

@@ -12,17 +12,15 @@ README "Training choices"): 3-level balanced accuracy 0.683 ± 0.064 with the ar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
-from tasks.schema import RISK_LEVELS
+from tasks.schema import RISK_LEVELS, PreprocessSummary
 
 
-def level_prior(summary: Mapping) -> np.ndarray | None:
+def level_prior(summary: PreprocessSummary) -> np.ndarray | None:
     """The training split's share of each risk level, from preprocess.json's ``counts``
     (None for a summary without them: the plain argmax is used then)."""
-    train = (summary.get("counts") or {}).get("train")
+    train = summary.train_counts
     if not train:
         return None
     counts = np.array([float(train.get(level, 0)) for level in RISK_LEVELS])

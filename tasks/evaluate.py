@@ -20,8 +20,7 @@ from tasks.errors import SkinriskError
 from tasks.metrics import headline_figures
 from tasks.params import EvaluateParams
 from tasks.paths import METRICS_FILE
-from tasks.preprocess import CASES_FILE
-from tasks.schema import RISK_LEVELS
+from tasks.schema import CASES_FILE, RISK_LEVELS
 from tasks.scored_model import (
     OPERATING_POINT_FILE,
     Bundle,
@@ -77,12 +76,8 @@ def _write_plots(
     history_path: Path | None,
     uncalibrated_probs: np.ndarray | None = None,
 ) -> None:
-    from tasks.metrics import (
-        plot_confusion_matrix,
-        plot_reliability,
-        plot_training_curves,
-        reliability_curve,
-    )
+    from tasks.metrics import reliability_curve
+    from tasks.plots import plot_confusion_matrix, plot_reliability, plot_training_curves
 
     plot_confusion_matrix(
         np.array(metrics["confusion_matrix"]),
@@ -175,18 +170,6 @@ def format_headline(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def classification_report_text(metrics: dict) -> str:
-    """The per-class table (precision, recall, F1, support) as plain text."""
-    lines = [f"{'':<10}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
-    for name, row in metrics["per_class"].items():
-        lines.append(f"{name:<10}{row['precision']:>10.3f}{row['recall']:>10.3f}{row['f1']:>10.3f}{row['support']:>10}")
-    lines.append(
-        f"\naccuracy {metrics['accuracy']:.3f}   balanced accuracy {metrics['balanced_accuracy']:.3f}   "
-        f"macro F1 {metrics['macro_f1']:.3f}"
-    )
-    return "\n".join(lines) + "\n"
-
-
 def evaluate(
     model_path: Path,
     processed_dir: Path,
@@ -197,7 +180,7 @@ def evaluate(
     run_id: str | None = None,
 ) -> dict:
     """Score the test split, choose the triage threshold on val, write and log every figure."""
-    from sklearn.metrics import log_loss
+    from sklearn.metrics import classification_report, log_loss
 
     from tasks.metrics import choose_threshold, classification_figures, expected_calibration_error, operating_point_name
     from tasks.model import scoring_settings
@@ -255,7 +238,13 @@ def evaluate(
     reports_dir.mkdir(parents=True, exist_ok=True)
     write_json(reports_dir / METRICS_FILE, metrics)
     write_json(reports_dir / HEADLINE_FILE, dvc_headline(metrics))
-    write_text(reports_dir / "classification_report.txt", classification_report_text(metrics))
+    write_text(
+        reports_dir / "classification_report.txt",
+        classification_report(
+            test.risk, called, labels=range(len(RISK_LEVELS)), target_names=list(RISK_LEVELS), digits=3, zero_division=0
+        )
+        + "\n(levels called by the rule of tasks/decision.py: the level most likely relative to its training share)\n",
+    )
     predictions = pd.DataFrame(
         {
             "image_id": test.image_id,
@@ -307,8 +296,10 @@ DETAIL_ARTIFACTS = ("classification_report.txt", PREDICTIONS_FILE, "training_his
 def log_to_run(run_id: str, metrics: dict, processed_dir: Path, reports_dir: Path) -> None:
     """Log the test figures (``test_``: the split they come from, apart from the per-epoch training
     curves' ``loss``, ``accuracy``...), the reports, and the test split as the run's dataset."""
-    from tasks.tracking import log_artifacts, log_metrics, log_split_datasets
+    from tasks.tracking import NOTE_TAG, log_artifacts, log_metrics, log_split_datasets, set_tags
 
+    # the run's description on its MLflow page: the test figures a triage user reads first
+    set_tags(run_id, {NOTE_TAG: "Test split:\n\n```\n" + format_headline(metrics) + "\n```"})
     # the subgroup table is an artifact (subgroups.md, subgroups.png, metrics.json), not 200 metric keys
     log_metrics(
         run_id, {k: v for k, v in metrics.items() if k not in ("confusion_matrix", "subgroups")}, prefix="test_"
@@ -326,9 +317,9 @@ def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: Eval
     The data goes through the import and the model's own preprocessing (its encoder, image size
     and risk mapping); the triage threshold is the model's, chosen on its validation split.
     """
+    from tasks.clinical import clinical_frame
     from tasks.ingest import import_dataset, read_raw_metadata
     from tasks.metrics import classification_figures
-    from tasks.preprocess import clinical_frame
     from tasks.schema import RAW_METADATA_FILE, raw_image_path
 
     with tempfile.TemporaryDirectory(prefix="skinrisk-external-") as scratch:

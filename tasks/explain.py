@@ -36,12 +36,13 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from tasks.atomic import atomic_directory, atomic_path, write_json
-from tasks.clinical import ClinicalEncoder, parse_age
+from tasks.clinical import ClinicalEncoder
 from tasks.errors import DataError, SkinriskError
 from tasks.model import LAST_CONV_LAYER, POOLED_LAYER
 from tasks.params import ExplainParams
@@ -50,7 +51,11 @@ from tasks.shards import progress
 
 SHAP_VARIABLES: tuple[str, ...] = ("age", "sex", "localization")
 MISSING_AGE_CODE = -1.0  # an unknown age in SHAP's numeric space (ages are 0-100)
+# SHAP values are in log-odds: additive, and readable when a confident model's probability
+# saturates (in probability, the waterfall of a 0.9999998 case is an axis offset and no bars).
+SHAP_UNIT = "log-odds: log(P / (1 - P)) of the explained level's calibrated probability P"
 PLOT_DPI = 120
+HEATMAP_CMAP = "jet"
 
 GRADCAM_DIR = "gradcam"
 GRID_FILE = "gradcam_grid.png"
@@ -149,12 +154,12 @@ def _gradcam_function(model, layer_name: str, from_logits: bool):
         conv = model.get_layer(layer_name)
     except ValueError:
         raise SkinriskError(
-            f"the model has no layer {layer_name!r} to take Grad-CAM from; "
-            f"models built by tasks.model.build_model have {LAST_CONV_LAYER!r}"
+            f"the model has no layer {layer_name!r} to take Grad-CAM from (explain.gradcam_layer); "
+            f"models built by tasks.model.build_model have MobileNetV2's, e.g. {LAST_CONV_LAYER!r}"
         ) from None
     graph = _logit_graph(model, layer_name) if from_logits else None
     use_logits = graph is not None
-    pairs: list = []
+    pairs = []
     if use_logits:
         inputs, conv_output, logits, pairs = graph
         grad_model = keras.Model(inputs, [conv_output, logits])
@@ -273,7 +278,7 @@ def level_assignment(n_outputs: int, diagnoses: Sequence[str], risk_map: Mapping
 
 def bundle_assignment(bundle) -> np.ndarray:
     """:func:`level_assignment` for a :class:`tasks.scored_model.Bundle`."""
-    return level_assignment(int(bundle.model.output_shape[-1]), bundle.summary["diagnoses"], bundle.summary["risk_map"])
+    return level_assignment(int(bundle.model.output_shape[-1]), bundle.summary.diagnoses, bundle.summary.risk_map)
 
 
 @dataclass(frozen=True)
@@ -352,16 +357,40 @@ def render_overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     field = upsample_heatmap(heatmap, image.shape[:2])
-    jet = matplotlib.colormaps["jet"](field)[..., :3] * 255.0
+    jet = matplotlib.colormaps[HEATMAP_CMAP](field)[..., :3] * 255.0
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * jet
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
-def save_overlay(image_uint8: np.ndarray, heatmap: np.ndarray, path: Path, alpha: float = 0.4) -> np.ndarray:
-    """Write :func:`render_overlay` as a PNG (atomically); returns the overlay."""
+def colour_bar_label(level: str | None) -> str:
+    """What the overlay's colours mean: the heatmap is normalized to its own peak."""
+    explained = f"P({level} risk)" if level else "P(predicted level)"
+    return f"Grad-CAM: relative contribution to {explained}"
+
+
+def _add_colour_bar(fig, axes, level: str | None, **kwargs) -> None:
+    mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0.0, 1.0), cmap=HEATMAP_CMAP)
+    bar = fig.colorbar(mappable, ax=axes, ticks=[0.0, 0.5, 1.0], **kwargs)
+    bar.set_label(colour_bar_label(level), fontsize=8)
+    bar.ax.tick_params(labelsize=7)
+
+
+def overlay_figure(overlay: np.ndarray, level: str | None = None):
+    """A figure of one rendered overlay (:func:`render_overlay`) with its labelled colour bar."""
+    height, width = overlay.shape[:2]
+    fig, ax = plt.subplots(figsize=(4.6, 3.6 * height / width), layout="constrained")
+    ax.imshow(overlay)
+    ax.axis("off")
+    _add_colour_bar(fig, ax, level, fraction=0.06, pad=0.02)
+    return fig
+
+
+def save_overlay(
+    image_uint8: np.ndarray, heatmap: np.ndarray, path: Path, alpha: float = 0.4, *, level: str | None = None
+) -> np.ndarray:
+    """Write :func:`render_overlay` with its colour bar as a PNG (atomically); returns the overlay."""
     overlay = render_overlay(image_uint8, heatmap, alpha)
-    with atomic_path(Path(path)) as tmp:
-        Image.fromarray(overlay).save(tmp, format="png")
+    _save_figure(overlay_figure(overlay, level), Path(path))
     return overlay
 
 
@@ -387,14 +416,15 @@ def _save_figure(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def save_case_grid(cases: Sequence[CaseView], path: Path, *, per_row: int = 3) -> None:
-    """A grid of cases, each as image and overlay, titled with true and predicted level."""
+def case_grid_figure(cases: Sequence[CaseView], *, per_row: int = 3):
+    """A grid of cases, each as image and overlay, titled with true and predicted level, with
+    one colour bar for every overlay (each map is normalized to its own peak)."""
     if not cases:
         raise ValueError("no cases to draw")
     per_row = max(1, min(per_row, len(cases)))
     rows = math.ceil(len(cases) / per_row)
     fig, axes = plt.subplots(
-        rows, 2 * per_row, figsize=(4.2 * per_row, 2.6 * rows), squeeze=False, layout="constrained"
+        rows, 2 * per_row, figsize=(4.2 * per_row, 2.6 * rows + 0.6), squeeze=False, layout="constrained"
     )
     for ax in axes.ravel():
         ax.axis("off")
@@ -408,7 +438,13 @@ def save_case_grid(cases: Sequence[CaseView], path: Path, *, per_row: int = 3) -
         true_text = "?" if case.true_level is None else case.true_level
         ax_image.set_title(f"{case.image_id}\ntrue {true_text}, predicted {case.predicted_level}{verdict}", fontsize=8)
         ax_overlay.set_title(f"Grad-CAM ({case.predicted_level})\n{probabilities}", fontsize=8)
-    _save_figure(fig, path)
+    _add_colour_bar(fig, axes, None, location="bottom", fraction=0.04 / rows, shrink=0.5, aspect=40)
+    return fig
+
+
+def save_case_grid(cases: Sequence[CaseView], path: Path, *, per_row: int = 3) -> None:
+    """Write :func:`case_grid_figure` as a PNG (atomically)."""
+    _save_figure(case_grid_figure(cases, per_row=per_row), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,6 +580,20 @@ def decode_raw(codes: np.ndarray, encoder: ClinicalEncoder) -> pd.DataFrame:
     )
 
 
+def log_odds(probabilities: np.ndarray, class_index: int) -> np.ndarray:
+    """log(P / (1 - P)) of column ``class_index`` of N x K probabilities, as float64.
+
+    ``1 - P`` is taken as the other columns' sum, not by subtraction: a float32 softmax keeps a
+    tiny probability's relative precision, but rounds a confident one to exactly 1.0. The odds
+    are bounded by float32's smallest normal number (about +-87 log-odds).
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    explained = probabilities[:, class_index]
+    rest = np.delete(probabilities, class_index, axis=1).sum(axis=1)
+    floor = float(np.finfo(np.float32).tiny)
+    return np.log(np.maximum(explained, floor)) - np.log(np.maximum(rest, floor))
+
+
 def clinical_shap(
     predict_fn: PredictFn,
     image: np.ndarray,
@@ -559,24 +609,22 @@ def clinical_shap(
 
     ``predict_fn(image, clinical)`` returns N x K probabilities for one normalized image and an
     N x F matrix of encoded features (e.g. a :class:`RiskPredictor`); ``class_index`` picks the
-    column explained. ``raw_clinical`` is ``(age, sex, site)`` or a mapping with keys ``age``,
+    column explained, in log-odds (:func:`log_odds`): additive, and readable where a confident
+    model's probabilities saturate at 0 or 1. ``raw_clinical`` is ``(age, sex, site)`` or a mapping with keys ``age``,
     ``sex``, ``localization`` (age None or NaN when unknown). ``background_raw`` holds raw rows
     of the same three columns; more than ``background_size`` rows are sampled down with
     ``seed``. An unknown age goes through the encoder's policy: imputed (with its missing flag)
     under ``impute``; refused under ``drop``, and background rows without an age are left out.
 
-    Returns ``base_value`` (mean output over the background), ``values`` (variable -> SHAP
-    value), ``output`` (the model's output for the case: ``base_value + sum(values)``),
+    Returns ``unit`` (:data:`SHAP_UNIT`), ``base_value`` (mean log-odds over the background),
+    ``values`` (variable -> SHAP value, log-odds), ``output`` (the case's log-odds:
+    ``base_value + sum(values)``), ``probability`` (the case's probability of the class),
     ``class_index`` and ``background_size``.
     """
     import shap
 
     case = _raw_frame(raw_clinical)
-    if np.isnan(case.at[0, "age"]) and encoder.missing_policy == "drop":
-        raise DataError(
-            "age missing, and this model was trained only on cases with a known age "
-            "(preprocess.missing_clinical=drop); give the age in years"
-        )
+    encoder.check(*case.iloc[0])
     background = background_raw.loc[:, list(SHAP_VARIABLES)].reset_index(drop=True)
     if encoder.missing_policy == "drop":
         background = background.loc[background["age"].notna()].reset_index(drop=True)
@@ -589,18 +637,24 @@ def clinical_shap(
 
     image = np.ascontiguousarray(image, dtype=np.float32)
 
-    def explained_output(codes: np.ndarray) -> np.ndarray:
+    def probabilities(codes: np.ndarray) -> np.ndarray:
         features = encoder.transform(decode_raw(codes, encoder))
-        return np.asarray(predict_fn(image, features), dtype=np.float64)[:, class_index]
+        return np.asarray(predict_fn(image, features), dtype=np.float64)
+
+    def explained_output(codes: np.ndarray) -> np.ndarray:
+        return log_odds(probabilities(codes), class_index)
 
     explainer = shap.KernelExplainer(explained_output, background_codes, feature_names=list(SHAP_VARIABLES))
     # Three variables: 2**3 - 2 coalitions, all enumerated (nsamples is capped there), and no
     # L1 feature selection, so the regression returns the exact Shapley values.
     values = np.asarray(explainer.shap_values(x, l1_reg=False, silent=True), dtype=np.float64).reshape(-1)
+    case_probabilities = probabilities(x)
     return {
+        "unit": SHAP_UNIT,
         "base_value": float(np.asarray(explainer.expected_value).reshape(-1)[0]),
         "values": {name: float(v) for name, v in zip(SHAP_VARIABLES, values, strict=True)},
-        "output": float(explained_output(x)[0]),
+        "output": float(log_odds(case_probabilities, class_index)[0]),
+        "probability": float(case_probabilities[0, class_index]),
         "class_index": int(class_index),
         "background_size": len(background),
     }
@@ -608,7 +662,7 @@ def clinical_shap(
 
 def training_background(processed_dir: Path, size: int, seed: int) -> pd.DataFrame:
     """``size`` training cases' raw ``age, sex, localization`` from ``cases.csv``, sampled with ``seed``."""
-    from tasks.preprocess import CASES_FILE
+    from tasks.schema import CASES_FILE
 
     path = Path(processed_dir) / CASES_FILE
     if not path.exists():
@@ -644,60 +698,75 @@ def _display_value(name: str, value: Any) -> str:
     return str(value)
 
 
+def _axis_in_plain_numbers(fig) -> None:
+    # No "1e-9+9.999998e-1" offset on any axis: ticks say the log-odds plainly.
+    for ax in fig.axes:
+        formatter = ax.xaxis.get_major_formatter()
+        if isinstance(formatter, matplotlib.ticker.ScalarFormatter):
+            formatter.set_useOffset(False)
+            formatter.set_scientific(False)
+
+
+def case_shap_figure(result: Mapping[str, Any], raw_clinical: Mapping[str, Any], *, level: str):
+    """``shap.plots.waterfall`` of one case: from the base value, each variable's push, to the
+    case's log-odds of P(``level`` risk)."""
+    import shap
+
+    names = list(SHAP_VARIABLES)
+    explanation = shap.Explanation(
+        values=np.array([result["values"][name] for name in names], dtype=np.float64),
+        base_values=float(result["base_value"]),
+        data=np.array([_display_value(name, raw_clinical[name]) for name in names], dtype=object),
+        feature_names=names,
+    )
+    fig = plt.figure(layout="constrained")
+    shap.plots.waterfall(explanation, show=False)
+    _axis_in_plain_numbers(fig)
+    # The waterfall's own axis is the first; its twins only label E[f(X)] and f(x).
+    fig.axes[0].set_xlabel(f"log-odds of P({level} risk), image held fixed (0: even odds)", fontsize=10)
+    probability = result.get("probability")
+    shown = "" if probability is None else f"; this case P({level} risk) {_probability_text(probability)}"
+    fig.suptitle(f"Clinical variables' SHAP values{shown}", fontsize=10)
+    return fig
+
+
+def _probability_text(probability: float) -> str:
+    if probability > 0.9999:
+        return "> 0.9999"
+    return "< 0.0001" if probability < 0.0001 else f"= {probability:.4f}"
+
+
 def plot_case_shap(result: Mapping[str, Any], raw_clinical: Mapping[str, Any], path: Path, *, level: str) -> None:
-    """Waterfall of one case: from the base value, each variable's push, to the model output."""
-    values = result["values"]
-    order = sorted(values, key=lambda name: abs(values[name]), reverse=True)
-    base, output = result["base_value"], result["output"]
-    fig, ax = plt.subplots(figsize=(6.5, 2.8), layout="constrained")
-    running = base
-    for row, name in enumerate(order):
-        value = values[name]
-        ax.barh(row, value, left=running, color="C3" if value > 0 else "C0", height=0.6)
-        ax.text(
-            running + value,
-            row,
-            f" {value:+.3f} ",
-            va="center",
-            ha="left" if value >= 0 else "right",
-            fontsize=8,
-        )
-        running += value
-    ax.axvline(base, color="grey", linestyle=":", label=f"base value {base:.3f}")
-    ax.axvline(output, color="black", linestyle="--", label=f"this case {output:.3f}")
-    ax.set_yticks(range(len(order)), labels=[f"{name} = {_display_value(name, raw_clinical[name])}" for name in order])
-    ax.invert_yaxis()
-    ax.set_xlabel(f"P({level} risk), image held fixed")
-    ax.set_title("Clinical variables' SHAP values")
-    ax.legend(loc="best", fontsize=7)
-    # Bars stick to their left edges, so margins() would not pad: set the limits outright.
-    ends = [base, output, *np.cumsum([values[name] for name in order]) + base]
-    low, high = min(ends), max(ends)
-    pad = 0.3 * (high - low) or 0.01
-    ax.set_xlim(low - pad, high + pad)
-    _save_figure(fig, path)
+    """Write :func:`case_shap_figure` as a PNG (atomically)."""
+    _save_figure(case_shap_figure(result, raw_clinical, level=level), path)
+
+
+def shap_summary_figure(table: pd.DataFrame):
+    """``shap.plots.bar`` of mean |SHAP| (log-odds of P(predicted level)) per variable: all cases,
+    then by predicted level."""
+    import shap
+
+    explanation = shap.Explanation(
+        values=table[[f"shap_{name}" for name in SHAP_VARIABLES]].to_numpy(dtype=np.float64),
+        feature_names=list(SHAP_VARIABLES),
+    )
+    cohorts = {"all cases": explanation}
+    for level in RISK_LEVELS:
+        rows = (table["predicted_level"] == level).to_numpy()
+        if rows.any():
+            cohorts[f"predicted {level}"] = explanation[rows]
+    fig, ax = plt.subplots(layout="constrained")
+    shap.plots.bar(cohorts, ax=ax, show=False)
+    fig.set_size_inches(7, 1.5 + 0.35 * len(SHAP_VARIABLES) * len(cohorts))
+    _axis_in_plain_numbers(fig)
+    ax.set_xlabel("mean |SHAP value|, log-odds of P(predicted level)", fontsize=10)
+    ax.set_title("Clinical variables' influence, image held fixed", fontsize=10)
+    return fig
 
 
 def plot_shap_summary(table: pd.DataFrame, path: Path) -> None:
-    """Mean |SHAP| per variable for the predicted level: all cases, then by predicted level."""
-    columns = [f"shap_{name}" for name in SHAP_VARIABLES]
-    groups = [("all cases", table)]
-    groups += [
-        (f"predicted {level}", table.loc[table["predicted_level"] == level])
-        for level in RISK_LEVELS
-        if (table["predicted_level"] == level).any()
-    ]
-    height = 0.8 / len(groups)
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(SHAP_VARIABLES) * len(groups) / 2), layout="constrained")
-    positions = np.arange(len(SHAP_VARIABLES))
-    for k, (label, rows) in enumerate(groups):
-        ax.barh(positions + k * height, rows[columns].abs().mean().to_numpy(), height, label=f"{label} (n={len(rows)})")
-    ax.set_yticks(positions + height * (len(groups) - 1) / 2, labels=list(SHAP_VARIABLES))
-    ax.invert_yaxis()
-    ax.set_xlabel("mean |SHAP value| on P(predicted level)")
-    ax.set_title("Clinical variables' influence, image held fixed")
-    ax.legend(fontsize=7, loc="best")
-    _save_figure(fig, path)
+    """Write :func:`shap_summary_figure` as a PNG (atomically)."""
+    _save_figure(shap_summary_figure(table), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,7 +822,7 @@ def explain_test_cases(
     from tasks.dataset import load_split
     from tasks.images import normalize_for_mobilenet
     from tasks.model import calibrated_single_view, single_view
-    from tasks.preprocess import CASES_FILE
+    from tasks.schema import CASES_FILE
     from tasks.scored_model import bundle_from_files, json_safe, predict_risk
 
     processed_dir, out_dir = Path(processed_dir), Path(out_dir)
@@ -802,6 +871,7 @@ def explain_test_cases(
                 "base_value": result["base_value"],
                 **{f"shap_{name}": result["values"][name] for name in SHAP_VARIABLES},
                 "output": result["output"],
+                "probability": result["probability"],
             }
         )
     shap_table = pd.DataFrame(shap_rows)
@@ -818,9 +888,14 @@ def explain_test_cases(
                 test.clinical[i],
                 assignment,
                 level_index=int(predicted[i]),
+                last_conv_layer_name=params.gradcam_layer,
             )
             overlay = save_overlay(
-                test.images[i], cam.heatmap, staging / GRADCAM_DIR / f"{image_id}.png", params.overlay_alpha
+                test.images[i],
+                cam.heatmap,
+                staging / GRADCAM_DIR / f"{image_id}.png",
+                params.overlay_alpha,
+                level=RISK_LEVELS[int(predicted[i])],
             )
             result = shap_of(i)
             raw = raw_test.iloc[i]
@@ -856,6 +931,7 @@ def explain_test_cases(
                 "n_test_images": len(test),
                 "cases": explained,
                 "shap_summary": {
+                    "unit": SHAP_UNIT,
                     "n_cases": len(shap_table),
                     "background_size": len(background),
                     "mean_abs": {name: float(shap_table[f"shap_{name}"].abs().mean()) for name in SHAP_VARIABLES},
@@ -877,21 +953,8 @@ def explain_test_cases(
 
 
 def validate_case(encoder: ClinicalEncoder, age: float | str | None, sex: str, site: str) -> dict[str, Any]:
-    """The raw clinical fields, checked against the model's encoder; DataError says what is wrong."""
-    try:
-        age_value = parse_age(age, where="clinical input")
-    except DataError as exc:
-        raise DataError(f"{exc}; give the age in years (0-100), or none when unknown") from None
-    if math.isnan(age_value) and encoder.missing_policy == "drop":
-        raise DataError(
-            "age missing, and this model was trained only on cases with a known age "
-            "(preprocess.missing_clinical=drop); give the age in years"
-        )
-    if sex not in encoder.sexes:
-        raise DataError(f"unknown sex {sex!r}; accepted: {list(encoder.sexes)}")
-    if site not in encoder.localizations:
-        raise DataError(f"unknown site (localization) {site!r}; accepted: {list(encoder.localizations)}")
-    return {"age": age_value, "sex": sex, "localization": site}
+    """The raw clinical fields, checked by the model's encoder (:meth:`ClinicalEncoder.check`)."""
+    return {"age": encoder.check(age, sex, site), "sex": sex, "localization": site}
 
 
 def explain_case(
@@ -921,7 +984,7 @@ def explain_case(
     raw = validate_case(bundle.encoder, age, sex, site)
     if not image.is_file():
         raise DataError(f"image {image} not found (or not a file): give the path of a JPEG or PNG file")
-    pixels = load_image(image, int(bundle.summary["image_size"]))
+    pixels = load_image(image, bundle.summary.image_size)
     normalized = normalize_for_mobilenet(pixels)
     clinical = bundle.encoder.transform(pd.DataFrame({name: [raw[name]] for name in SHAP_VARIABLES}))[0]
 
@@ -930,7 +993,14 @@ def explain_case(
     # Grad-CAM explains the predicted level on the single view, SHAP its calibrated probability.
     probabilities = predict_risk(bundle, pixels[None], clinical[None])[0]
     predicted = int(bundle.called_levels(probabilities[None])[0])
-    cam = risk_level_gradcam(single_view(bundle.model), normalized, clinical, assignment, level_index=predicted)
+    cam = risk_level_gradcam(
+        single_view(bundle.model),
+        normalized,
+        clinical,
+        assignment,
+        level_index=predicted,
+        last_conv_layer_name=params.gradcam_layer,
+    )
     level = RISK_LEVELS[predicted]
     if background is None:
         background_source = "neutral: median training age with every sex and site"
@@ -964,7 +1034,7 @@ def explain_case(
     payload = json_safe(payload)
 
     out_dir = Path(out_dir)
-    save_overlay(pixels, cam.heatmap, out_dir / CASE_GRADCAM_FILE, params.overlay_alpha)
+    save_overlay(pixels, cam.heatmap, out_dir / CASE_GRADCAM_FILE, params.overlay_alpha, level=level)
     plot_case_shap(shap_result, raw, out_dir / CASE_SHAP_FILE, level=level)
     write_json(out_dir / CASE_EXPLANATION_FILE, payload)
     return payload

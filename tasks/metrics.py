@@ -1,8 +1,9 @@
-"""Evaluation metrics and plots: pure functions over labels and predicted probabilities.
+"""Evaluation metrics: pure functions over labels and predicted probabilities.
 
 Everything here takes numpy arrays (``y_true`` as class indices ``0..K-1``, ``probs`` as an
 ``N x K`` matrix whose rows sum to 1) and returns plain Python values, so the evaluate stage can
-write one dict to ``reports/metrics.json`` and log that same dict to MLflow. No TensorFlow here.
+write one dict to ``reports/metrics.json`` and log that same dict to MLflow. No TensorFlow and no
+matplotlib here (the served model imports this module; the plots are in ``tasks.plots``).
 
 Undefined figures (a recall with no positives, an interval from resamples that never contain a
 positive) are ``nan``; ``json.dumps`` writes them as ``NaN``.
@@ -12,15 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-# Headless rendering: the pipeline runs on servers and in workers without a display.
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from sklearn.metrics import (
@@ -32,11 +26,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from tasks.atomic import atomic_path
 from tasks.decision import called_levels
 from tasks.schema import RISK_LEVELS, risk_level_of
 
-PLOT_DPI = 120
 # Rows of a softmax in float32 sum to 1 within ~1e-6; anything further off is not probabilities.
 _ROW_SUM_TOLERANCE = 1e-3
 
@@ -465,176 +457,6 @@ def classification_figures(
     if operating_points:
         figures["operating_points"] = {name: at(point) for name, point in operating_points.items()}
     return figures
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots
-
-
-def _save(fig: plt.Figure, path: Path) -> None:
-    try:
-        with atomic_path(Path(path)) as tmp:
-            fig.savefig(tmp, format="png", dpi=PLOT_DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-
-
-def plot_confusion_matrix(
-    matrix: np.ndarray | Sequence[Sequence[int]],
-    class_names: Sequence[str],
-    path: Path,
-    *,
-    normalize: bool = True,
-) -> None:
-    """Confusion matrix heatmap (rows true, columns predicted), row-normalised by default.
-
-    Normalised cells show the share of the true class (its recall on the diagonal) and the count.
-    """
-    counts = np.asarray(matrix, dtype=np.float64)
-    names = [str(name) for name in class_names]
-    if counts.ndim != 2 or counts.shape != (len(names), len(names)):
-        raise ValueError(f"matrix must be {len(names)} x {len(names)} for classes {names}, got {counts.shape}")
-    if normalize:
-        row_sums = counts.sum(axis=1, keepdims=True)
-        shown = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
-    else:
-        shown = counts
-
-    side = max(4.0, 0.9 * len(names) + 2.0)
-    fig, ax = plt.subplots(figsize=(side + 1.0, side))
-    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
-    fig.colorbar(image, ax=ax, label="share of true class" if normalize else "cases")
-    ax.set_xticks(range(len(names)), labels=names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), labels=names)
-    ax.set_xlabel("Predicted")
-    ax.set_ylabel("True")
-    ax.set_title("Confusion matrix (rows normalised)" if normalize else "Confusion matrix")
-    middle = (np.nanmax(shown) if shown.size else 0.0) / 2.0
-    for i in range(len(names)):
-        for j in range(len(names)):
-            text = f"{shown[i, j]:.2f}\n({int(counts[i, j])})" if normalize else f"{int(counts[i, j])}"
-            ax.text(
-                j,
-                i,
-                text,
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if shown[i, j] > middle else "black",
-            )
-    _save(fig, path)
-
-
-def _curve_ece(curve: pd.DataFrame) -> float:
-    filled = curve[curve["count"] > 0]
-    total = curve["count"].sum()
-    if not total:
-        return math.nan
-    return float(((filled["accuracy"] - filled["mean_confidence"]).abs() * filled["count"]).sum()) / total
-
-
-def plot_reliability(curve: pd.DataFrame, path: Path, *, before: pd.DataFrame | None = None) -> None:
-    """Reliability diagram from :func:`reliability_curve`: accuracy against confidence per bin.
-
-    ``before``: the curve of the same cases before temperature scaling, drawn beside it.
-    """
-    required = {"bin_lower", "bin_upper", "count", "mean_confidence", "accuracy"}
-    missing = required - set(curve.columns)
-    if missing:
-        raise ValueError(f"reliability curve lacks columns {sorted(missing)}")
-    filled = curve[curve["count"] > 0]
-    ece = _curve_ece(curve)
-    width = curve["bin_upper"] - curve["bin_lower"]
-    centres = curve["bin_lower"] + width / 2
-
-    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    ax.bar(
-        centres,
-        curve["accuracy"].fillna(0.0),
-        width=width,
-        edgecolor="black",
-        alpha=0.7,
-        label="accuracy",
-    )
-    ax.plot(filled["mean_confidence"], filled["accuracy"], "o-", color="C3", label=f"calibrated (ECE {ece:.3f})")
-    title = f"Reliability diagram (ECE {ece:.3f})"
-    if before is not None:
-        raw = before[before["count"] > 0]
-        ece_before = _curve_ece(before)
-        ax.plot(
-            raw["mean_confidence"],
-            raw["accuracy"],
-            "s:",
-            color="C1",
-            label=f"before temperature (ECE {ece_before:.3f})",
-        )
-        title = f"Reliability diagram (ECE {ece_before:.3f} before temperature scaling, {ece:.3f} after)"
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("Accuracy of the top label")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left")
-    ax_count.bar(centres, curve["count"], width=width, edgecolor="black", color="C0")
-    ax_count.set_xlabel("Confidence (top-label probability)")
-    ax_count.set_ylabel("Cases")
-    _save(fig, path)
-
-
-def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
-    """Loss and accuracy per epoch, train against validation, with the fine-tuning start marked.
-
-    Uses whichever of ``loss, accuracy, val_loss, val_accuracy, val_balanced_accuracy`` are
-    present. Epochs run on across phases; if ``epoch`` restarts per phase (or is absent) the
-    row order is used instead.
-    """
-    if history.empty:
-        raise ValueError("training history is empty: nothing to plot")
-    history = history.reset_index(drop=True)
-    if "epoch" in history and history["epoch"].is_monotonic_increasing:
-        epoch = history["epoch"].to_numpy(dtype=np.float64)
-        epoch_label = "Epoch"
-    else:
-        epoch = np.arange(1, len(history) + 1, dtype=np.float64)
-        epoch_label = "Epoch (both phases, in order)"
-
-    boundaries: list[tuple[float, str]] = []  # (x, legend label) where a new phase starts
-    if "phase" in history:
-        phase = history["phase"].astype(str).to_numpy()
-        changes = np.flatnonzero(phase[1:] != phase[:-1]) + 1
-        boundaries = [((epoch[i - 1] + epoch[i]) / 2, f"{phase[i]} phase starts") for i in changes]
-
-    panels = (
-        ("Loss", (("loss", "train loss"), ("val_loss", "validation loss"))),
-        (
-            "Accuracy",
-            (
-                ("accuracy", "train accuracy"),
-                ("val_accuracy", "validation accuracy"),
-                ("val_balanced_accuracy", "validation balanced accuracy"),
-            ),
-        ),
-    )
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (title, series) in zip(axes, panels, strict=True):
-        drawn = False
-        for column, label in series:
-            if column in history and history[column].notna().any():
-                style = "--" if column.startswith("val_") else "-"
-                ax.plot(epoch, history[column], style, marker="o", markersize=3, label=label)
-                drawn = True
-        for x, label in boundaries:
-            ax.axvline(x, color="grey", linestyle=":", label=label)
-        if drawn:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title)
-        ax.set_xlabel(epoch_label)
-        ax.set_ylabel(title.lower())
-        ax.grid(alpha=0.3)
-    fig.suptitle("Training curves")
-    _save(fig, path)
 
 
 def headline_figures(metrics: dict) -> dict[str, float | None]:

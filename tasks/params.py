@@ -185,13 +185,47 @@ class PromoteParams(_Section):
     bootstrap_resamples: int = Field(200, ge=100)
 
 
+# MobileNetV2's activation and residual-sum layers (Keras' names), the layers Grad-CAM can be taken
+# from: a stem, then blocks 1-16 (an expand and a depthwise ReLU each, block 0 has no expand; a
+# residual sum where a block keeps its shape), then the last 1x1 conv's ReLU. A test checks the
+# names against Keras' own MobileNetV2.
+_RESIDUAL_BLOCKS = (2, 4, 5, 7, 8, 9, 11, 12, 14, 15)
+MOBILENET_V2_GRADCAM_LAYERS: tuple[str, ...] = (
+    "Conv1_relu",
+    "expanded_conv_depthwise_relu",
+    *(
+        name
+        for block in range(1, 17)
+        for name in (
+            f"block_{block}_expand_relu",
+            f"block_{block}_depthwise_relu",
+            *((f"block_{block}_add",) if block in _RESIDUAL_BLOCKS else ()),
+        )
+    ),
+    "out_relu",
+)
+
+
 class ExplainParams(_Section):
     cases_per_level: int = Field(3, ge=1, description="test cases explained per true risk level")
     confidently_wrong: int = Field(3, ge=0, description="most confident wrong predictions added")
     shap_background: int = Field(50, ge=5, description="training cases SHAP integrates over")
     shap_cases: int = Field(100, ge=1, description="test cases in the global SHAP summary")
     overlay_alpha: float = Field(0.4, gt=0, lt=1)
+    gradcam_layer: str = Field(
+        "block_13_expand_relu", description="MobileNetV2 layer Grad-CAM is taken from (benchmarks/gradcam_layers.py)"
+    )
     seed: int = 0
+
+    @field_validator("gradcam_layer")
+    @classmethod
+    def _check_gradcam_layer(cls, value: str) -> str:
+        if value not in MOBILENET_V2_GRADCAM_LAYERS:
+            raise ValueError(
+                f"{value!r} is not a MobileNetV2 activation layer; use out_relu (4x4 at 128 px), "
+                "block_13_expand_relu (8x8) or block_6_expand_relu (16x16), or another block_N_expand_relu"
+            )
+        return value
 
 
 class MonitorParams(_Section):

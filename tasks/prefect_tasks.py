@@ -1,8 +1,9 @@
 """The Prefect tasks: each wraps one stage function, taking paths and run ids, never DataFrames.
 
 Kept apart from the stage modules so that the CLI stages DVC runs do not pay Prefect's import.
-Inputs are hashed by Prefect, so tasks receive the params file and overrides, not parsed
-objects, and parse them themselves. Prefect's result caching is off: DVC is the cache.
+The flow parses params.yaml once and hands each task its own section (small pydantic models),
+so every task of a run sees the same parameters even if the file changes meanwhile. Prefect's
+result caching is off (``NO_CACHE``: no input is hashed): DVC is the cache.
 """
 
 from __future__ import annotations
@@ -13,11 +14,16 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.params import Params, load_params
-
-
-def _params(params_file: str, overrides: list[str]) -> Params:
-    return load_params(params_file, overrides)
+from tasks.params import (
+    DataParams,
+    EvaluateParams,
+    ExplainParams,
+    MonitorParams,
+    Params,
+    PreprocessParams,
+    TrainParams,
+    ValidateParams,
+)
 
 
 def mlflow_link(run_id: str, model: tuple[str, str] | None = None) -> str:
@@ -63,22 +69,22 @@ def check_tracking() -> str:
 
 
 @task(name="ensure-data", cache_policy=NO_CACHE)
-def ensure_data(raw_dir: str, synthetic_dir: str, params_file: str, overrides: list[str]) -> str:
+def ensure_data(raw_dir: str, synthetic_dir: str, params: DataParams) -> str:
     from tasks.ingest import ensure_imported
 
-    return ensure_imported(Path(raw_dir), Path(synthetic_dir), _params(params_file, overrides).data)
+    return ensure_imported(Path(raw_dir), Path(synthetic_dir), params)
 
 
 @task(name="validate", task_run_name="validate {raw_dir}", cache_policy=NO_CACHE)
-def validate(raw_dir: str, reports_dir: str, params_file: str, overrides: list[str]) -> str:
+def validate(raw_dir: str, reports_dir: str, params: ValidateParams) -> str:
     from tasks.validate import validate_raw
 
-    summary = validate_raw(Path(raw_dir), Path(reports_dir), _params(params_file, overrides).validate_)
+    summary = validate_raw(Path(raw_dir), Path(reports_dir), params)
     return str(summary.report_json)
 
 
 @task(name="preprocess", task_run_name="preprocess {raw_dir}", cache_policy=NO_CACHE)
-def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params_file: str, overrides: list[str]) -> str:
+def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params: PreprocessParams) -> str:
     from tasks.preprocess import format_counts
     from tasks.preprocess import preprocess as run_preprocess
     from tasks.validate import REPORT_JSON, require_validated
@@ -88,7 +94,7 @@ def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params_file: 
     summary = run_preprocess(
         Path(raw_dir),
         Path(processed_dir),
-        _params(params_file, overrides).preprocess,
+        params,
         reports_dir=Path(reports_dir),
     )
     print(format_counts(summary))
@@ -102,11 +108,11 @@ def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params_file: 
     retry_delay_seconds=5,
     retry_condition_fn=retry_unless_unreachable,
 )
-def start_tracking(raw_dir: str, reports_dir: str, params_file: str, overrides: list[str], source: str) -> str:
+def start_tracking(raw_dir: str, reports_dir: str, params: Params, source: str) -> str:
     from tasks.runs import start_pipeline_run
 
     return start_pipeline_run(
-        _params(params_file, overrides),
+        params,
         Path(raw_dir),
         Path(reports_dir),
         orchestrator="prefect",
@@ -121,8 +127,7 @@ def train(
     processed_dir: str,
     model_dir: str,
     reports_dir: str,
-    params_file: str,
-    overrides: list[str],
+    params: TrainParams,
     run_id: str,
 ) -> str:
     from tasks.train import train as run_train
@@ -131,7 +136,7 @@ def train(
         Path(processed_dir),
         Path(model_dir),
         Path(reports_dir),
-        _params(params_file, overrides).train,
+        params,
         run_id=run_id,
     )
     return result.model_path
@@ -143,8 +148,7 @@ def evaluate(
     processed_dir: str,
     reports_dir: str,
     model_dir: str,
-    params_file: str,
-    overrides: list[str],
+    params: EvaluateParams,
     run_id: str,
 ) -> dict:
     from tasks.evaluate import evaluate as run_evaluate
@@ -155,7 +159,7 @@ def evaluate(
         Path(processed_dir),
         Path(reports_dir),
         Path(model_dir),
-        _params(params_file, overrides).evaluate,
+        params,
         run_id=run_id,
     )
     rows = [{"metric": name, "value": rounded(value)} for name, value in headline_figures(metrics).items()]
@@ -166,15 +170,11 @@ def evaluate(
 
 
 @task(name="explain", task_run_name="explain run {run_id:.8}", cache_policy=NO_CACHE)
-def explain(
-    model_path: str, processed_dir: str, reports_dir: str, params_file: str, overrides: list[str], run_id: str
-) -> str:
+def explain(model_path: str, processed_dir: str, reports_dir: str, params: ExplainParams, run_id: str) -> str:
     from tasks.explain import explain_test_cases
 
     out = Path(reports_dir) / "explain"
-    explain_test_cases(
-        Path(model_path), Path(processed_dir), out, _params(params_file, overrides).explain, run_id=run_id
-    )
+    explain_test_cases(Path(model_path), Path(processed_dir), out, params, run_id=run_id)
     return str(out)
 
 
@@ -184,8 +184,7 @@ def reference_profile(
     processed_dir: str,
     raw_dir: str,
     model_dir: str,
-    params_file: str,
-    overrides: list[str],
+    params: MonitorParams,
     run_id: str,
 ) -> str:
     from tasks.monitor import REFERENCE_FILE, build_reference_profile
@@ -194,7 +193,7 @@ def reference_profile(
         Path(model_path),
         Path(processed_dir),
         Path(model_dir) / REFERENCE_FILE,
-        _params(params_file, overrides).monitor,
+        params,
         raw_dir=Path(raw_dir),
         run_id=run_id,
     )
@@ -237,11 +236,10 @@ def finish_tracking(run_id: str, status: str) -> None:
 
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def promote(processed_dir: str, raw_dir: str, params_file: str, overrides: list[str]) -> dict:
+def promote(processed_dir: str, raw_dir: str, params: Params) -> dict:
     from tasks.promote import decision_record
     from tasks.promote import promote as run_promote
 
-    params = _params(params_file, overrides)
     decision = run_promote(
         Path(processed_dir), Path(raw_dir), params.promote, calibration_bins=params.evaluate.calibration_bins
     )

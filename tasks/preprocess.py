@@ -16,67 +16,30 @@ Everything is staged and moved in at once, so a failure leaves the previous outp
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
-import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tasks.atomic import atomic_directory, write_json
-from tasks.clinical import ClinicalEncoder, parse_age
+from tasks.clinical import ClinicalEncoder, clinical_frame
 from tasks.dataset import IMAGES_FILE
-from tasks.decoding import decode_claimed_shards, decode_shard_into, share_shard_counter
 from tasks.duplicates import split_groups
 from tasks.errors import DataError
-from tasks.images import decode_shard
+from tasks.images import ImageDecoding
 from tasks.ingest import read_raw_metadata
-from tasks.metadata import require_columns
 from tasks.params import PreprocessParams
-from tasks.schema import DIAGNOSES, LOCALIZATIONS, RAW_METADATA_FILE, RISK_LEVELS, SEXES, raw_image_paths
-from tasks.shards import Executor, map_shards, require_executor
-
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-ENCODER_FILE = "encoder.json"
-CASES_FILE = "cases.csv"
-SUMMARY_FILE = "preprocess.json"
-
-
-@dataclass(frozen=True)
-class PreprocessSummary:
-    n_images: int
-    n_dropped: int
-    counts: dict[str, dict[str, int]]  # split -> risk level -> images
-    lesions: dict[str, int]  # split -> lesions
-    image_size: int
-    seconds_decoding: float
-    duplicates: dict | None = None  # tasks.duplicates.SplitGroups.summary()
-
-
-def clinical_frame(raw: pd.DataFrame, source: Path) -> pd.DataFrame:
-    """Typed clinical columns from the raw string table, with errors naming the row."""
-    require_columns(raw, source)
-    frame = raw.copy()
-    ages = []
-    for line, (image_id, value) in enumerate(zip(frame["image_id"], frame["age"], strict=True), 2):
-        ages.append(parse_age(value, where=f"{source} line {line} (image_id {image_id})"))
-    frame["age"] = ages
-    for column, accepted in (("dx", DIAGNOSES), ("sex", SEXES), ("localization", LOCALIZATIONS)):
-        unknown = frame.loc[~frame[column].isin(accepted)]
-        if not unknown.empty:
-            first = unknown.index[0]
-            raise DataError(
-                f"{source} line {first + 2} (image_id {unknown.at[first, 'image_id']}): unknown {column} "
-                f"{unknown.at[first, column]!r} ({len(unknown)} row(s) in all); accepted: {list(accepted)}. "
-                "Run `skinrisk validate` for the full list."
-            )
-    return frame
+from tasks.schema import (
+    CASES_FILE,
+    DIAGNOSES,
+    ENCODER_FILE,
+    PROCESSED_SUMMARY_FILE,
+    RAW_METADATA_FILE,
+    RISK_LEVELS,
+    SPLITS,
+    PreprocessSummary,
+    raw_image_paths,
+)
 
 
 def assign_risk_levels(frame: pd.DataFrame, params: PreprocessParams) -> pd.DataFrame:
@@ -167,158 +130,6 @@ def split_by_lesion(frame: pd.DataFrame, params: PreprocessParams) -> pd.Series:
     return pd.Series(labels, index=frame.index, dtype=object)
 
 
-def _shards(paths: Sequence[str | Path], workers: int) -> list[tuple[int, list[str]]]:
-    """``paths`` cut into ``(first_row, paths)`` shards for ``workers`` workers (0: one per core)."""
-    n_workers = workers or os.cpu_count() or 1
-    # Small shards: the last ones finish close together (256-image shards left a worker idle ~0.2 s)
-    chunk = max(16, min(128, len(paths) // (n_workers * 8) or 1))
-    return [(start, [str(p) for p in paths[start : start + chunk]]) for start in range(0, len(paths), chunk)]
-
-
-def _create_images_file(out: Path, n_images: int, size: int) -> int:
-    """Create the ``.npy`` file ``out`` for ``n_images`` images (its data not yet written: a sparse
-    file) and return the offset of the data, where the workers write."""
-    created = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n_images, size, size, 3))
-    offset = created.offset
-    del created  # unmapped: the workers write through the file
-    return offset
-
-
-def _decode_in_memory(
-    paths: Sequence[str | Path], size: int, workers: int, executor: Executor, dask_address: str
-) -> np.ndarray:
-    """The decoded images as one array, the shards run by :func:`tasks.shards.map_shards`."""
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    shards = _shards(paths, workers)
-    if shards:
-        decode = partial(decode_shard, size=size)
-        blocks = map_shards(
-            decode,
-            [rows for _, rows in shards],
-            executor=executor,
-            workers=workers,
-            dask_address=dask_address,
-            desc="decode images",
-        )
-        for (start, _), block in zip(shards, blocks, strict=True):
-            images[start : start + len(block)] = block
-    return images
-
-
-def _decode_into_file(
-    paths: Sequence[str | Path], size: int, out: Path, workers: int, executor: Executor, dask_address: str
-) -> None:
-    """The decoded images written to the ``.npy`` file ``out``: by local workers straight into it,
-    or gathered from Dask and saved."""
-    if not paths or executor == "dask":
-        np.save(out, _decode_in_memory(paths, size, workers, executor, dask_address))
-        return
-    fill = partial(decode_shard_into, size=size, out=str(out), offset=_create_images_file(out, len(paths), size))
-    map_shards(fill, _shards(paths, workers), executor=executor, workers=workers, desc="decode images")
-
-
-class ImageDecoding:
-    """Decoding images into the ``.npy`` file ``out`` while the caller does other work.
-
-    ``with ImageDecoding(size, out, ...) as decoding:`` gets the workers ready (spawned worker
-    processes take 0.1 s to start: they start now, while the caller reads its metadata);
-    :meth:`start` gives them the paths; :meth:`finish` waits for the decoding and returns the
-    seconds since :meth:`start`. With local processes (the default) there is one worker process
-    per core beyond the first, and :meth:`finish` makes the calling thread the last worker: it
-    claims shards from the same counter once its own work is done, so it never competes with that
-    work for the GIL or for a core. Otherwise (threads, Dask, one worker) the decoding runs from a
-    background thread. The array is the same byte for byte whichever worker decoded which shard.
-
-    Leaving the block waits for every worker, and after an exception no further shard is started:
-    nothing writes into ``out`` once the block is left.
-    """
-
-    def __init__(
-        self, size: int, out: Path, *, workers: int = 0, executor: Executor = "processes", dask_address: str = ""
-    ) -> None:
-        require_executor(executor)
-        self.size, self.out = size, Path(out)
-        self.workers, self.executor, self.dask_address = workers, executor, dask_address
-        self._counter = None
-        self._n_processes = 0
-        self._decode: Callable[..., int] | None = None
-        self._pending: list[Future] = []
-
-    def __enter__(self) -> ImageDecoding:
-        n_processes = (self.workers or os.cpu_count() or 1) - 1
-        if self.executor == "processes" and n_processes > 0:
-            self._n_processes = n_processes
-            # spawn, not fork: the caller may already have TensorFlow (and its threads) loaded
-            context = multiprocessing.get_context("spawn")
-            self._counter = context.Value("q", 0)
-            self._pool = ProcessPoolExecutor(
-                n_processes, mp_context=context, initializer=share_shard_counter, initargs=(self._counter,)
-            )
-            for _ in range(n_processes):  # a process is spawned per task submitted: start them all now
-                self._pool.submit(os.getpid)
-        else:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="decode")
-        return self
-
-    def start(self, paths: Sequence[str | Path]) -> None:
-        """Begin decoding ``paths`` (row ``i`` of ``out`` is ``paths[i]``)."""
-        self._started = time.perf_counter()
-        if self._counter is None:
-            decode = partial(
-                _decode_into_file, paths, self.size, self.out, self.workers, self.executor, self.dask_address
-            )
-            self._pending = [self._pool.submit(decode)]
-            return
-        if not paths:
-            np.save(self.out, np.empty((0, self.size, self.size, 3), dtype=np.uint8))
-            return
-        offset = _create_images_file(self.out, len(paths), self.size)
-        self._decode = partial(decode_claimed_shards, _shards(paths, self.workers), self.size, str(self.out), offset)
-        self._pending = [self._pool.submit(self._decode) for _ in range(self._n_processes)]
-
-    def finish(self) -> float:
-        """Decode alongside the workers (local processes) and wait for all of them; the seconds
-        since :meth:`start`. A worker's error is raised here."""
-        if self._decode is not None:
-            self._decode(counter=self._counter)
-        for future in self._pending:
-            future.result()
-        return time.perf_counter() - self._started
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None and self._counter is not None:
-            with self._counter.get_lock():
-                self._counter.value = 1 << 62  # every shard claimed: the workers stop after their current one
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def decode_images(
-    paths: Sequence[str | Path],
-    size: int,
-    workers: int = 0,
-    executor: Executor = "processes",
-    dask_address: str = "",
-    *,
-    out: Path | None = None,
-) -> np.ndarray:
-    """Decode and resize ``paths`` into one uint8 array (N x size x size x 3), in parallel shards.
-
-    The shards run in local processes or threads (``workers``; 0: one per core, 1: here) or, with
-    ``executor="dask"``, on a Dask cluster (``dask_address``, or a local one of ``workers``
-    processes); the array is the same byte for byte either way (see ``tasks.shards``).
-
-    With ``out`` the array is the ``.npy`` file there, returned memory-mapped read-only: local
-    workers write their rows into it directly instead of sending them back (see
-    :func:`tasks.decoding.decode_shard_into` and :class:`ImageDecoding`).
-    """
-    if out is None:
-        return _decode_in_memory(paths, size, workers, executor, dask_address)
-    with ImageDecoding(size, out, workers=workers, executor=executor, dask_address=dask_address) as decoding:
-        decoding.start(paths)
-        decoding.finish()
-    return np.load(out, mmap_mode="r")
-
-
 def preprocess(
     raw_dir: Path, processed_dir: Path, params: PreprocessParams, *, reports_dir: Path | None = None
 ) -> PreprocessSummary:
@@ -384,50 +195,24 @@ def preprocess(
             for split in SPLITS
         }
         lesions = {split: int(frame.loc[frame["split"] == split, "lesion_id"].nunique()) for split in SPLITS}
-        write_json(
-            staging / SUMMARY_FILE,
-            {
-                "image_size": params.image_size,
-                "risk_levels": list(RISK_LEVELS),
-                "diagnoses": list(DIAGNOSES),
-                "risk_map": params.risk_map,
-                "missing_clinical": params.missing_clinical,
-                "n_images": len(frame),
-                "n_dropped": n_dropped,
-                "counts": counts,
-                "lesions": lesions,
-                "duplicates": duplicates.summary(),
-            },
+        summary = PreprocessSummary(
+            image_size=params.image_size,
+            risk_map=params.risk_map,
+            counts=counts,
+            lesions=lesions,
+            n_images=len(frame),
+            n_dropped=n_dropped,
+            missing_clinical=params.missing_clinical,
+            duplicates=duplicates.summary(),
+            seconds_decoding=round(seconds_decoding, 3),
         )
-    summary = PreprocessSummary(
-        n_images=len(frame),
-        n_dropped=n_dropped,
-        counts=counts,
-        lesions=lesions,
-        image_size=params.image_size,
-        seconds_decoding=round(seconds_decoding, 3),
-        duplicates=duplicates.summary(),
-    )
+        write_json(staging / PROCESSED_SUMMARY_FILE, summary.to_json())
     if reports_dir is not None:
         write_json(
             Path(reports_dir) / "preprocess.json",
-            {
-                "counts": counts,
-                "lesions": lesions,
-                "n_images": summary.n_images,
-                "n_dropped": n_dropped,
-                "duplicates": duplicates.summary(),
-            },
+            {key: summary.to_json()[key] for key in ("counts", "lesions", "n_images", "n_dropped", "duplicates")},
         )
     return summary
-
-
-def read_preprocess_summary(processed_dir: Path) -> dict:
-    """``preprocess.json`` of a processed directory (classes, risk map, image size, counts)."""
-    path = Path(processed_dir) / SUMMARY_FILE
-    if not path.exists():
-        raise DataError(f"{path} not found: run `skinrisk preprocess` first")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def format_counts(summary: PreprocessSummary) -> str:

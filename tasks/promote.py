@@ -85,8 +85,7 @@ def decide(challenger: dict, champion: dict | None, params: PromoteParams) -> tu
 
 def evaluation_cases(processed_dir: Path, raw_dir: Path, split: str = "test") -> tuple[pd.DataFrame, list[Path]]:
     """The cases of one split (parsed clinical fields and diagnoses) and their raw image files."""
-    from tasks.preprocess import CASES_FILE
-    from tasks.schema import raw_image_path
+    from tasks.schema import CASES_FILE, raw_image_path
 
     path = Path(processed_dir) / CASES_FILE
     if not path.exists():

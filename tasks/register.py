@@ -7,21 +7,26 @@ code, so ``mlflow models serve -m models:/skinrisk@challenger`` scores raw cases
 Registry stages are deprecated in MLflow: versions are addressed by alias (``challenger`` for a
 freshly registered candidate, ``champion`` for the one in service), never by stage.
 
-The registered model and each version carry a description (what it predicts from what; a version's
-headline test figures, its run and data version); figures in tags are rounded to 4 decimals.
+The registered model and each version carry a description: the model's says what it predicts
+from what; a version's is its model card (``tasks.model_card``: its headline test figures, run and
+data version first), which is also logged to the run as ``model_card.md``. Figures in tags are
+rounded to 4 decimals.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.atomic import write_json
 from tasks.errors import SkinriskError
-from tasks.preprocess import ENCODER_FILE, SUMMARY_FILE, read_preprocess_summary
+from tasks.model_card import CARD_FILE, RegistryFacts, card_sections, fit_description
+from tasks.schema import ENCODER_FILE, PROCESSED_SUMMARY_FILE, read_preprocess_summary
 from tasks.tracking import DATA_VERSION_TAG, MODEL_NAME, client, figure_text, tracking_uri
 
 LOGGED_MODEL_NAME = "model"
@@ -35,8 +40,13 @@ MODEL_DESCRIPTION = (
     "**Not a medical device.** A research and decision-support aid trained on HAM10000-style data, not a "
     "diagnosis: every referral decision rests with a clinician.\n\n"
     "Versions are addressed by alias: `@challenger` (newly registered), `@champion` (in service), "
-    "`@previous` (the champion before)."
+    "`@previous` (the champion before).\n\n"
+    "Each version's description is its **model card** (intended use, training data, test figures with "
+    "95% intervals, subgroups, operating point, known failure modes); the whole card is the version's run "
+    "artifact `model_card.md`, and `skinrisk model-card --model models:/skinrisk@champion` prints it."
 )
+# MLflow's SQL stores keep a version's description in a VARCHAR(5000) (PostgreSQL enforces it)
+DESCRIPTION_LIMIT = 5000
 # What a version's description calls its headline figures (tasks.evaluate.headline_figures' keys)
 FIGURE_LABELS = {
     "high_risk_roc_auc": "high-risk (melanoma) ROC-AUC",
@@ -147,7 +157,7 @@ def _check_inputs(model_path: Path, processed_dir: Path, operating_point_path: P
     needed = {
         model_path: "`skinrisk train`",
         processed_dir / ENCODER_FILE: "`skinrisk preprocess`",
-        processed_dir / SUMMARY_FILE: "`skinrisk preprocess`",
+        processed_dir / PROCESSED_SUMMARY_FILE: "`skinrisk preprocess`",
         operating_point_path: "`skinrisk evaluate`",
     }
     missing = [f"{path} (made by {stage})" for path, stage in needed.items() if not path.is_file()]
@@ -164,13 +174,18 @@ def register_model(
     name: str = MODEL_NAME,
     alias: str = "challenger",
     metrics: dict | None = None,
+    evaluation: Mapping | None = None,
+    training: Mapping | None = None,
     out_file: Path | None = None,
 ) -> Registration:
     """Log the serving pyfunc to run ``run_id``, register a new version of ``name``, alias it.
 
     The version is tagged with the run id, the run's data version (when the run has one) and the
-    headline ``metrics`` (flat numbers, tagged as strings). ``out_file`` (e.g.
-    ``models/registered.json``) receives the :class:`Registration`, atomically.
+    headline ``metrics`` (flat numbers, tagged as strings). Its model card, from ``evaluation``
+    (the whole ``metrics.json``), ``training`` (``train.json``), the run's train params and the
+    preprocess summary, is logged to the run as ``model_card.md`` and becomes the version's
+    description. ``out_file`` (e.g. ``models/registered.json``) receives the :class:`Registration`,
+    atomically.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -214,24 +229,43 @@ def register_model(
             artifacts={
                 MODEL_ARTIFACT: str(model_path),
                 ENCODER_ARTIFACT: str(processed_dir / ENCODER_FILE),
-                PREPROCESS_ARTIFACT: str(processed_dir / SUMMARY_FILE),
+                PREPROCESS_ARTIFACT: str(processed_dir / PROCESSED_SUMMARY_FILE),
                 OPERATING_POINT_ARTIFACT: str(operating_point_path),
             },
             # The served model imports tasks.serving (and what it uses) from this copy.
             code_paths=[str(Path(__file__).resolve().parent)],
             signature=risk_signature(),
-            input_example=example_input(int(summary["image_size"])),
+            input_example=example_input(summary.image_size),
             pip_requirements=pip_requirements(),
         )
     version = mlflow.register_model(logged.model_uri, name, tags=tags)
     if not mlflow_client.get_registered_model(name).description:  # never overwrite one edited in the UI
         mlflow_client.update_registered_model(name, description=MODEL_DESCRIPTION)
-    mlflow_client.update_model_version(
-        name,
-        version.version,
-        description=version_description(
-            {**figures, "threshold": tags["threshold"]}, run_id, run.info.run_name, tags.get(DATA_VERSION_TAG)
+    headline = version_description(
+        {**figures, "threshold": tags["threshold"]}, run_id, run.info.run_name, tags.get(DATA_VERSION_TAG)
+    )
+    sections = card_sections(
+        evaluation or {},
+        summary,
+        {key.removeprefix("train."): value for key, value in run.data.params.items() if key.startswith("train.")},
+        training or {},
+        RegistryFacts(
+            name=name,
+            version=str(version.version),
+            run_id=run_id,
+            run_name=run.info.run_name,
+            data_version=tags.get(DATA_VERSION_TAG),
+            data_source=run.data.tags.get("data_source"),
+            date=datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d"),
         ),
+        lead=headline,
+    )
+    _log_card(run_id, "\n\n".join(sections) + "\n")
+    full_card = (
+        f"the artifact `{CARD_FILE}` of run {run_id}, or `skinrisk model-card --model models:/{name}/{version.version}`"
+    )
+    mlflow_client.update_model_version(
+        name, version.version, description=fit_description(sections, DESCRIPTION_LIMIT, full_card)
     )
     mlflow_client.set_registered_model_alias(name, alias, version.version)
 
@@ -247,14 +281,76 @@ def register_model(
     return registration
 
 
+def _log_card(run_id: str, card: str) -> None:
+    """The card as ``model_card.md`` at the run's artifact root (spooled if the server cannot take it)."""
+    from tasks.tracking import log_artifacts
+
+    with tempfile.TemporaryDirectory(prefix="skinrisk-card-") as scratch:
+        path = Path(scratch) / CARD_FILE
+        path.write_text(card, encoding="utf-8")
+        log_artifacts(run_id, [path])
+
+
+def registered_version(uri: str):
+    """The registry's ``ModelVersion`` at ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
+
+    reference = uri.removeprefix("models:/")
+    name, alias = reference.split("@", 1) if "@" in reference else (reference, None)
+    name, _, number = name.partition("/")
+    names_one = number.isdigit() if alias is None else not number  # a version number, or an alias
+    if not uri.startswith("models:/") or not name or not names_one:
+        raise SkinriskError(f"{uri!r} names no model version. {_registry_hint(uri)}")
+    mlflow_client = client()
+    with _no_model_is_an_error(uri):
+        if alias is not None:
+            return mlflow_client.get_model_version_by_alias(name, alias)
+        return mlflow_client.get_model_version(name, number)
+
+
+def registered_card(uri: str) -> str:
+    """The model card of the version at ``uri``: the run's whole ``model_card.md`` when it is this
+    version's (a run registered twice keeps the later card), else the version's description."""
+    import mlflow
+
+    version = registered_version(uri)
+    title = f"# Model card: {version.name} version {version.version}\n"
+    if version.run_id:
+        with tempfile.TemporaryDirectory(prefix="skinrisk-card-") as scratch:
+            try:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=version.run_id, artifact_path=CARD_FILE, dst_path=scratch
+                )
+                card = Path(path).read_text(encoding="utf-8")
+            except Exception:  # no such artifact, or the artifact store out of reach: the description has it
+                card = ""
+        if card.startswith(title):
+            return card
+    description = version.description or ""
+    if not description.startswith(title):
+        raise SkinriskError(
+            f"{uri} (version {version.version} of {version.name}) was registered without a model card; "
+            "register the model again, or render one for the local model: "
+            "`skinrisk model-card --model models/model.keras`"
+        )
+    return description
+
+
 def load_registered(uri: str):
     """The served pyfunc at ``uri`` (``models:/skinrisk@champion``, ``models:/skinrisk/3``...)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     client()  # point mlflow at tracking_uri() before it resolves models:/ URIs
-    try:
+    with _no_model_is_an_error(uri):
         return mlflow.pyfunc.load_model(uri)
+
+
+@contextlib.contextmanager
+def _no_model_is_an_error(uri: str):
+    """MLflow's "no such model or version" as one SkinriskError line that says what the registry holds."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise

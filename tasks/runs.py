@@ -1,8 +1,8 @@
 """One MLflow run per pipeline run, shared by both orchestrators (Prefect and ``dvc repro``).
 
-The run is opened before training (params, tags and the data reports), every later stage logs to
-it by id (train and evaluate also log the splits they read as the run's datasets), and the
-register stage logs the model and closes it.
+The run is opened before training (params, tags, the data reports and the validation's Data Docs),
+every later stage logs to it by id (train and evaluate also log the splits they read as the run's
+datasets), and the register stage logs the model and closes it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from tasks.errors import SkinriskError
 from tasks.params import Params
 from tasks.tracking import DATA_VERSION_TAG, short_data_version
 
+VALIDATION_REPORT = "validation.json"  # the validate stage's report in reports_dir (tasks.validate.REPORT_JSON)
+VALIDATION_TAG = "data_validation"
+DATA_DOCS_ARTIFACTS = "data_docs"  # the run's artifact folder holding the Data Docs site
+
 
 def run_name(orchestrator: str, data_version: str, when: datetime | None = None) -> str:
     """``<orchestrator>-<short data version>-<UTC yyyymmdd-hhmm>``, e.g. ``dvc-3f2a9c1b-20261203-1842``:
@@ -24,37 +28,73 @@ def run_name(orchestrator: str, data_version: str, when: datetime | None = None)
     return f"{orchestrator}-{short_data_version(data_version)}-{stamp}"
 
 
+def validation_tags(report: Path) -> dict[str, str]:
+    """The validation a run's data passed, as tags a person can filter runs on: ``data_validation``
+    (``passed``, ``passed with 1 warning(s)`` or ``failed``) and ``data_validation.expectations``
+    (the counts). Empty without a readable report."""
+    try:
+        payload = json.loads(Path(report).read_text(encoding="utf-8"))
+        counts = payload["counts"]
+        verdict = "passed" if payload["success"] else "failed"
+        if payload["success"] and counts.get("warnings"):
+            verdict += f" with {counts['warnings']} warning(s)"
+        expectations = (
+            f"{counts['expectations_evaluated']} evaluated, {counts['expectations_failed']} failed, "
+            f"{counts['skipped']} skipped"
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {VALIDATION_TAG: verdict, f"{VALIDATION_TAG}.expectations": expectations}
+
+
+def data_docs_site(report: Path) -> Path | None:
+    """The Great Expectations Data Docs site of a validation (the folder of the index page that
+    ``validation.json`` names), or None where there is none."""
+    try:
+        index = json.loads(Path(report).read_text(encoding="utf-8")).get("data_docs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(index).parent if index and Path(index).is_file() else None
+
+
 def start_pipeline_run(params: Params, raw_dir: Path, reports_dir: Path, *, orchestrator: str, source: str) -> str:
-    """Open the run: flattened params, git/DVC/data tags, validation and split reports."""
+    """Open the run: flattened params, git/DVC/data tags, validation and split reports.
+
+    Validation runs before the run exists (under both orchestrators it is the first stage), so the
+    run that trains on the validated data records it: the verdict as tags (:func:`validation_tags`),
+    ``validation.{json,md}`` under ``data/`` and the Data Docs site under ``data_docs/``
+    (``data_docs/index.html``), so each run carries the validation of exactly the data it used.
+    """
     from tasks.tracking import log_artifacts, start_run
     from tasks.versioning import data_version
 
+    reports_dir = Path(reports_dir)
+    report = reports_dir / VALIDATION_REPORT
     tags = {
         DATA_VERSION_TAG: data_version(Path(raw_dir)),
         "data_source": source,
         "orchestrator": orchestrator,
         "target": params.train.target,
+        **validation_tags(report),
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     name = os.environ.get("DVC_EXP_NAME") or run_name(orchestrator, tags[DATA_VERSION_TAG])
     run_id = start_run(name, params.flat(), tags)
-    reports_dir = Path(reports_dir)
     log_artifacts(
         run_id,
-        [
-            reports_dir / "validation.json",
-            reports_dir / "validation.md",
-            reports_dir / "preprocess.json",
-        ],
+        [report, report.with_suffix(".md"), reports_dir / "preprocess.json"],
         artifact_path="data",
     )
+    site = data_docs_site(report)
+    if site is not None:
+        log_artifacts(run_id, [site], artifact_path=DATA_DOCS_ARTIFACTS)
     return run_id
 
 
 def run_id_of(model_dir: Path) -> str:
     """The run id the train stage recorded in ``model_dir/train.json``."""
-    from tasks.train import TRAIN_INFO_FILE
+    from tasks.paths import TRAIN_INFO_FILE
 
     path = Path(model_dir) / TRAIN_INFO_FILE
     if not path.exists():
@@ -66,9 +106,10 @@ def run_id_of(model_dir: Path) -> str:
 
 
 def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir: Path, run_id: str):
-    """Log the pyfunc to the run, register it as ``challenger`` and close the run."""
+    """Log the pyfunc to the run, register it as ``challenger`` (its model card from the evaluate
+    and train stages' outputs) and close the run. Both orchestrators register through here."""
     from tasks.metrics import headline_figures
-    from tasks.paths import METRICS_FILE
+    from tasks.paths import METRICS_FILE, TRAIN_INFO_FILE
     from tasks.register import register_model
     from tasks.scored_model import OPERATING_POINT_FILE
     from tasks.tracking import end_run
@@ -77,6 +118,8 @@ def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Pa
     if not metrics_path.exists():
         raise SkinriskError(f"{metrics_path} not found: run `skinrisk evaluate` first")
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    train_info = Path(model_dir) / TRAIN_INFO_FILE
+    training = json.loads(train_info.read_text(encoding="utf-8")) if train_info.exists() else None
     registration = register_model(
         Path(model_path),
         Path(processed_dir),
@@ -85,6 +128,8 @@ def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Pa
         alias="challenger",
         # the triage figures first (high-risk AUC, the operating point), tagged on the version
         metrics={k: v for k, v in headline_figures(metrics).items() if isinstance(v, int | float)},
+        evaluation=metrics,
+        training=training,
         out_file=Path(model_dir) / "registered.json",
     )
     end_run(run_id)

@@ -5,8 +5,11 @@ Vocabularies are those of the published dataset (Tschandl et al., 2018, doi:10.1
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 METADATA_COLUMNS: tuple[str, ...] = (
@@ -108,3 +111,72 @@ def risk_level_of(risk_map: Mapping[str, Sequence[str]], diagnoses: Sequence[str
     if missing:
         raise ValueError(f"risk_map leaves diagnoses without a level: {missing}")
     return level_of
+
+
+# ---------------------------------------------------------------------------------------------
+# The processed data folder (``skinrisk preprocess``)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+PROCESSED_SUMMARY_FILE = "preprocess.json"
+ENCODER_FILE = "encoder.json"  # the fitted tasks.clinical.ClinicalEncoder
+CASES_FILE = "cases.csv"  # every kept case with its split, risk level and split group
+
+
+@dataclass(frozen=True)
+class PreprocessSummary:
+    """``preprocess.json``: how a processed data folder was made and what it holds.
+
+    Every model is scored with the summary of the data it was trained on (it travels with the
+    registered model), so the image size, classes and risk map are read from here, never from
+    params.yaml. ``seconds_decoding`` is the stage's timing, reported but not written.
+    """
+
+    image_size: int
+    risk_map: dict[str, list[str]]  # risk level -> diagnoses
+    counts: dict[str, dict[str, int]]  # split -> risk level -> images
+    lesions: dict[str, int]  # split -> lesions
+    n_images: int
+    n_dropped: int = 0  # rows left out (no age under ``missing_clinical: drop``)
+    missing_clinical: str = "drop"
+    diagnoses: tuple[str, ...] = DIAGNOSES
+    risk_levels: tuple[str, ...] = RISK_LEVELS
+    duplicates: dict | None = None  # tasks.duplicates.SplitGroups.summary()
+    seconds_decoding: float | None = field(default=None, compare=False)
+
+    @property
+    def train_counts(self) -> dict[str, int]:
+        """Images per risk level in the training split (empty when unknown)."""
+        return dict(self.counts.get("train") or {})
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        del data["seconds_decoding"]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> PreprocessSummary:
+        """The summary from its JSON form; keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"seconds_decoding"}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("diagnoses", "risk_levels"):
+            if key in values:
+                values[key] = tuple(values[key])
+        values.setdefault("counts", {})
+        values.setdefault("lesions", {})
+        values.setdefault("n_images", sum(sum(level.values()) for level in values["counts"].values()))
+        return cls(**values)
+
+    @classmethod
+    def read(cls, path: Path) -> PreprocessSummary:
+        """``path`` (a ``preprocess.json``); a ``FileNotFoundError`` where it does not exist."""
+        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def read_preprocess_summary(processed_dir: Path) -> PreprocessSummary:
+    """The summary of a processed data folder, or a one-line error saying how to make it."""
+    from tasks.errors import DataError
+
+    path = Path(processed_dir) / PROCESSED_SUMMARY_FILE
+    if not path.exists():
+        raise DataError(f"{path} not found: run `skinrisk preprocess` first")
+    return PreprocessSummary.read(path)

@@ -17,7 +17,7 @@ import pandas as pd
 from tasks.clinical import ClinicalEncoder
 from tasks.decision import called_levels, level_prior
 from tasks.errors import SkinriskError
-from tasks.schema import RISK_LEVELS, risk_level_of
+from tasks.schema import PROCESSED_SUMMARY_FILE, RISK_LEVELS, PreprocessSummary, read_preprocess_summary, risk_level_of
 
 # Written by the evaluate stage beside the model; logged with it as an MLflow model's artifact.
 OPERATING_POINT_FILE = "operating_point.json"
@@ -29,7 +29,7 @@ class Bundle:
 
     model: object  # keras.Model
     encoder: ClinicalEncoder
-    summary: dict  # preprocess.json
+    summary: PreprocessSummary
     operating_point: dict | None  # {"target", "threshold", "target_recall"}
 
     @property
@@ -50,7 +50,7 @@ def bundle_from_files(model_path: Path, processed_dir: Path, operating_point_fil
     """A saved ``.keras`` model with the encoder and preprocess summary of its processed data folder,
     and the operating point of ``operating_point_file`` when that file exists."""
     from tasks.model import load_model
-    from tasks.preprocess import ENCODER_FILE, read_preprocess_summary
+    from tasks.schema import ENCODER_FILE
 
     point = None
     if operating_point_file is not None and Path(operating_point_file).exists():
@@ -80,7 +80,7 @@ def load_bundle(model: str, processed_dir: Path, model_dir: Path) -> Bundle:
         import mlflow
 
         from tasks.model import load_model
-        from tasks.preprocess import ENCODER_FILE, SUMMARY_FILE
+        from tasks.schema import ENCODER_FILE
         from tasks.tracking import client
 
         client()  # points mlflow at the configured tracking URI
@@ -92,14 +92,17 @@ def load_bundle(model: str, processed_dir: Path, model_dir: Path) -> Bundle:
         return Bundle(
             model=load_model(_keras_file(artifacts, model)),
             encoder=ClinicalEncoder.load(artifacts / ENCODER_FILE),
-            summary=json.loads((artifacts / SUMMARY_FILE).read_text()),
+            summary=PreprocessSummary.read(artifacts / PROCESSED_SUMMARY_FILE),
             operating_point=json.loads((artifacts / OPERATING_POINT_FILE).read_text()),
         )
     return bundle_from_files(Path(model), Path(processed_dir), Path(model_dir) / OPERATING_POINT_FILE)
 
 
-def predict_risk(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Risk-level probabilities (N x 3) for uint8 images and encoded clinical features."""
+def predict_risk(
+    bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch_size: int = 64, *, progress_bar: bool = True
+) -> np.ndarray:
+    """Risk-level probabilities (N x 3) for uint8 images and encoded clinical features, in batches
+    (with a progress bar on a terminal unless ``progress_bar`` is off, as in the scoring server)."""
     from tasks.images import normalize_for_mobilenet
     from tasks.metrics import risk_probabilities
     from tasks.shards import progress
@@ -112,10 +115,10 @@ def predict_risk(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch
             },
             verbose=0,
         )
-        for s in progress(range(0, len(images), batch_size), "score", unit="batch")
+        for s in progress(range(0, len(images), batch_size), "score" if progress_bar else None, unit="batch")
     ]
     probs = np.concatenate(outputs) if outputs else np.zeros((0, bundle.model.output_shape[-1]))
-    return risk_probabilities(probs, bundle.target, bundle.summary["diagnoses"], bundle.summary["risk_map"])
+    return risk_probabilities(probs, bundle.target, bundle.summary.diagnoses, bundle.summary.risk_map)
 
 
 def score_images(bundle: Bundle, frame: pd.DataFrame, image_paths: list[Path]) -> np.ndarray:
@@ -124,15 +127,15 @@ def score_images(bundle: Bundle, frame: pd.DataFrame, image_paths: list[Path]) -
     Images are decoded at the model's own input size and the clinical fields go through the
     model's own encoder, so models trained on different data are scored on equal terms.
     """
-    from tasks.preprocess import decode_images
+    from tasks.images import decode_images
 
-    images = decode_images(list(image_paths), int(bundle.summary["image_size"]))
+    images = decode_images(list(image_paths), bundle.summary.image_size)
     return predict_risk(bundle, images, bundle.encoder.transform(frame))
 
 
 def risk_labels(bundle: Bundle, diagnoses: pd.Series) -> np.ndarray:
     """Risk-level indices of diagnoses under the model's own risk mapping."""
-    level_of = risk_level_of(bundle.summary["risk_map"], bundle.summary["diagnoses"])
+    level_of = risk_level_of(bundle.summary.risk_map, bundle.summary.diagnoses)
     return diagnoses.map(level_of).map(RISK_LEVELS.index).to_numpy()
 
 

@@ -6,8 +6,9 @@ encoding happen inside, with the same functions and the same fitted encoder as t
 served prediction equals the pipeline's own for the same case.
 
 ``score_cases`` is the whole scoring path as a plain function, callable without MLflow;
-``RiskModel`` only loads the artifacts and calls it. Batch triage and explain do not go through
-it: they score a ``tasks.scored_model.Bundle`` with ``tasks.scored_model.predict_risk``.
+``RiskModel`` only loads the artifacts and calls it. The cases are checked by the model's
+encoder (``ClinicalEncoder.problems``) and scored by ``tasks.scored_model.predict_risk``, the
+same check and predictor that batch triage, explain and the triage page use.
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema
 from PIL import Image, ImageDraw
 
-from tasks.clinical import ClinicalEncoder, parse_age
-from tasks.decision import called_levels, level_prior
+from tasks.clinical import ClinicalEncoder, is_blank
 from tasks.errors import DataError, SkinriskError
-from tasks.images import load_image, normalize_for_mobilenet
-from tasks.schema import RISK_LEVELS
+from tasks.images import load_image
+from tasks.schema import RISK_LEVELS, PreprocessSummary
 
 INPUT_COLUMNS: tuple[str, ...] = ("image", "age", "sex", "localization")
 # ``age`` may be left out altogether (unknown for every row), as the signature allows.
@@ -138,10 +138,10 @@ def check_operating_point(payload: Mapping[str, Any], where: str = "operating po
     return {**payload, "threshold": float(threshold)}
 
 
-def check_model_outputs(model, summary: Mapping[str, Any], target: str) -> None:
+def check_model_outputs(model, summary: PreprocessSummary, target: str) -> None:
     """Refuse a model whose output width does not match the operating point's target."""
     n_outputs = int(model.output_shape[-1])
-    expected = len(RISK_LEVELS) if target == "risk" else len(summary["diagnoses"])
+    expected = len(RISK_LEVELS) if target == "risk" else len(summary.diagnoses)
     if n_outputs != expected:
         raise SkinriskError(
             f"the model has {n_outputs} outputs but the operating point's target is {target!r}, "
@@ -157,18 +157,9 @@ def _field(row: int, name: str) -> str:
     return f"row {row}, field '{name}'"
 
 
-def _is_missing(value: object) -> bool:
-    if value is None:
-        return True
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):  # arrays and other non-scalars
-        return False
-
-
 def _image_bytes(value: object) -> bytes:
     """The file bytes of a base64 ``image`` cell; ValueError says what is wrong with it."""
-    if _is_missing(value) or (isinstance(value, str) and not value.strip()):
+    if is_blank(value):
         raise ValueError("missing: expected the base64 of a JPEG or PNG file")
     if not isinstance(value, str):
         raise ValueError(f"a {type(value).__name__}, expected a base64 string of a JPEG or PNG file")
@@ -190,14 +181,6 @@ def _decode_image(value: object, image_size: int) -> np.ndarray:
     except (DataError, Image.DecompressionBombError) as exc:
         reason = str(exc.__cause__ or exc).split(" <_io.")[0]  # drop the buffer's repr
         raise ValueError(f"{len(data)} bytes that are not a readable JPEG or PNG image ({reason})") from None
-
-
-def _category(value: object, accepted: tuple[str, ...], name: str) -> str:
-    if _is_missing(value):
-        raise ValueError(f"missing; accepted: {list(accepted)}")
-    if not isinstance(value, str) or value not in accepted:
-        raise ValueError(f"unknown {name} {value!r}; accepted: {list(accepted)}")
-    return value
 
 
 def prepare_cases(frame: pd.DataFrame, encoder: ClinicalEncoder, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,24 +218,10 @@ def prepare_cases(frame: pd.DataFrame, encoder: ClinicalEncoder, image_size: int
             images[row] = _decode_image(image, image_size)
         except ValueError as exc:
             problems.append(f"{_field(row, 'image')}: {exc}")
-        try:
-            ages[row] = parse_age(None if _is_missing(age) else age, where=_field(row, "age"))
-        except DataError as exc:
-            problems.append(f"{exc}; send null when the age is unknown")
-        else:
-            if math.isnan(ages[row]) and encoder.missing_policy == "drop":
-                problems.append(
-                    f"{_field(row, 'age')}: missing, and this model was trained only on cases "
-                    "with a known age (preprocess.missing_clinical=drop); give the age in years"
-                )
-        try:
-            sexes[row] = _category(sex, encoder.sexes, "sex")
-        except ValueError as exc:
-            problems.append(f"{_field(row, 'sex')}: {exc}")
-        try:
-            sites[row] = _category(site, encoder.localizations, "localization")
-        except ValueError as exc:
-            problems.append(f"{_field(row, 'localization')}: {exc}")
+        ages[row], wrong = encoder.problems(age, sex, site)
+        problems.extend(f"{_field(row, name)}: {problem}" for name, problem in wrong.items())
+        if not wrong:
+            sexes[row], sites[row] = sex, site
 
     if problems:
         shown = problems[:MAX_REPORTED_PROBLEMS]
@@ -273,7 +242,7 @@ def prepare_cases(frame: pd.DataFrame, encoder: ClinicalEncoder, image_size: int
 def score_cases(
     model,
     encoder: ClinicalEncoder,
-    summary: Mapping[str, Any],
+    summary: PreprocessSummary,
     operating_point: Mapping[str, Any],
     frame: pd.DataFrame,
 ) -> pd.DataFrame:
@@ -284,33 +253,17 @@ def score_cases(
     the model's target (``risk``: three outputs; ``dx``: seven, summed per risk level). A case is
     referred when ``p_high >= threshold``. The output keeps the input's index.
     """
-    from tasks.metrics import risk_probabilities
+    from tasks.scored_model import Bundle, predict_risk
 
     operating_point = check_operating_point(operating_point)
-    target = operating_point["target"]
-    check_model_outputs(model, summary, target)
-    images, clinical = prepare_cases(frame, encoder, int(summary["image_size"]))
-
-    if len(images):
-        outputs = [
-            model.predict(
-                {
-                    "image": normalize_for_mobilenet(images[s : s + PREDICT_BATCH_SIZE]),
-                    "clinical": clinical[s : s + PREDICT_BATCH_SIZE],
-                },
-                verbose=0,
-            )
-            for s in range(0, len(images), PREDICT_BATCH_SIZE)
-        ]
-        probs = risk_probabilities(np.concatenate(outputs), target, summary["diagnoses"], summary["risk_map"]).astype(
-            np.float64
-        )
-    else:
-        probs = np.zeros((0, len(RISK_LEVELS)))
+    check_model_outputs(model, summary, operating_point["target"])
+    bundle = Bundle(model=model, encoder=encoder, summary=summary, operating_point=operating_point)
+    images, clinical = prepare_cases(frame, encoder, summary.image_size)
+    probs = predict_risk(bundle, images, clinical, PREDICT_BATCH_SIZE, progress_bar=False).astype(np.float64)
 
     index = frame.index if isinstance(frame, pd.DataFrame) else None
     result = pd.DataFrame(probs, columns=list(PROBABILITY_COLUMNS), index=index)
-    result["risk_level"] = [RISK_LEVELS[i] for i in called_levels(probs, level_prior(summary))]
+    result["risk_level"] = [RISK_LEVELS[i] for i in bundle.called_levels(probs)]
     result["refer"] = probs[:, _HIGH] >= operating_point["threshold"]
     return result
 
@@ -333,7 +286,7 @@ class RiskModel(mlflow.pyfunc.PythonModel):
         ]
         if missing:
             raise SkinriskError(f"the logged model lacks artifact(s) {missing}: register it again")
-        self.summary = json.loads(Path(artifacts[PREPROCESS_ARTIFACT]).read_text(encoding="utf-8"))
+        self.summary = PreprocessSummary.read(Path(artifacts[PREPROCESS_ARTIFACT]))
         self.encoder = ClinicalEncoder.load(Path(artifacts[ENCODER_ARTIFACT]))
         self.operating_point = read_operating_point(Path(artifacts[OPERATING_POINT_ARTIFACT]))
         self.model = load_model(Path(artifacts[MODEL_ARTIFACT]))

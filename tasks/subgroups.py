@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.metrics import bootstrap_interval, triage_figures
+from tasks.schema import RISK_LEVELS
 
 # Body sites grouped as clinicians read them (and so each group holds enough lesions to measure)
 SITE_GROUPS = {
@@ -166,6 +167,21 @@ def format_subgroups(report: dict) -> str:
             f"| {cell(f['high_risk_recall'], f['high_risk_recall_ci95'])} | {cell(f['specificity'])} "
             f"| {'below overall' if f.get('flagged') else ''} |"
         )
+    by_diagnosis = report.get("by_diagnosis") or {}
+    if by_diagnosis:
+        levels = [level for level in RISK_LEVELS if level in by_diagnosis]  # metrics.json sorts its keys
+        lines += [
+            "",
+            "Within each risk level, by diagnosis: the share of images called each level, and the share "
+            "referred at the operating point (e.g. benign keratoses sent on as suspected melanoma).",
+            "",
+            "| level | diagnosis | images | " + " | ".join(f"called {name}" for name in levels) + " | referred |",
+            "|---|---|---|" + "---|" * len(levels) + "---|",
+        ]
+        for level in reversed(levels):  # high risk first
+            for dx, f in by_diagnosis[level].items():
+                called = " | ".join(f"{100 * f[f'called_{name}']:.1f}%" for name in levels)
+                lines.append(f"| {level} | {dx} | {f['n_images']} | {called} | {100 * f['referred']:.1f}% |")
     return "\n".join(lines)
 
 

@@ -15,12 +15,10 @@ whatever the number of worker processes.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,6 +28,7 @@ from PIL import Image
 from tasks.atomic import atomic_directory
 from tasks.errors import SkinriskError
 from tasks.schema import DIAGNOSES, METADATA_COLUMNS, PUBLISHED_DX_COUNTS
+from tasks.shards import map_shards
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -461,17 +460,7 @@ def _render_all(specs: Sequence[_ImageSpec], staging: Path, *, workers: int) -> 
     """Draw and write every image, in ``workers`` processes when that is worth it."""
     chunk_size = max(8, math.ceil(len(specs) / (4 * workers)))
     chunks = [specs[i : i + chunk_size] for i in range(0, len(specs), chunk_size)]
-    workers = min(workers, len(chunks))
-    if workers <= 1:
-        for chunk in chunks:
-            _render_chunk(chunk, staging)
-        return
-    # Spawn rather than fork: the caller may be a threaded Prefect worker or have TensorFlow
-    # loaded, and forking a process with threads can deadlock.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for _ in pool.map(_render_chunk, chunks, [staging] * len(chunks)):
-            pass  # consuming the results re-raises a worker's exception here
+    map_shards(partial(_render_chunk, staging=staging), chunks, workers=max(1, workers))
 
 
 def _render_chunk(specs: Sequence[_ImageSpec], staging: Path) -> None:

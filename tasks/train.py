@@ -37,10 +37,10 @@ from tasks.atomic import write_json
 from tasks.dataset import SplitArrays, load_split, make_dataset
 from tasks.errors import SkinriskError
 from tasks.params import TrainParams
-from tasks.preprocess import read_preprocess_summary
+from tasks.paths import TRAIN_INFO_FILE
+from tasks.schema import PROCESSED_SUMMARY_FILE, PreprocessSummary, read_preprocess_summary
 
 MODEL_FILE = "model.keras"
-TRAIN_INFO_FILE = "train.json"
 HISTORY_FILE = "training_history.csv"
 # Validation figures where lower is better; the others (AUC, balanced accuracy) are maximised.
 LOWER_IS_BETTER = ("val_loss",)
@@ -78,7 +78,7 @@ def class_weights(labels: np.ndarray, n_classes: int, power: float = 1.0) -> dic
 
 
 def _fingerprint(params: TrainParams, processed_dir: Path) -> str:
-    summary = (Path(processed_dir) / "preprocess.json").read_bytes()
+    summary = (Path(processed_dir) / PROCESSED_SUMMARY_FILE).read_bytes()
     return hashlib.sha256(params.model_dump_json().encode() + summary).hexdigest()[:16]
 
 
@@ -88,6 +88,12 @@ class Checkpoints:
     Per phase: ``<phase>.latest.weights.h5`` and ``<phase>.state.json`` (last completed global
     epoch, best epoch and value), ``<phase>.best.weights.h5``, and ``<phase>.done.json`` once the
     phase has finished; ``history.csv`` holds one row per completed epoch.
+
+    Not Keras' ``BackupAndRestore``: it resumes one ``fit`` call and deletes its backup when that
+    call ends, while a run here is two ``fit`` calls on differently frozen models (head, then
+    fine-tuning) whose best epoch (by a validation figure Keras does not compute) must survive
+    between them, and whose checkpoints must be thrown away when params or data change
+    (the fingerprint). Writing the backups with ``BackupAndRestore`` would still need all of this.
     """
 
     def __init__(self, root: Path, fingerprint: str) -> None:
@@ -218,7 +224,7 @@ def epoch_line(number: int, total: int, phase: str, logs: dict) -> str:
     )
 
 
-def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summary: dict):
+def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summary: PreprocessSummary):
     """Single-view validation figures of the served output, once per epoch.
 
     ``val_loss`` is the log loss of the training target; the others are on risk levels.
@@ -228,7 +234,7 @@ def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summa
     from tasks.decision import called_levels, level_prior
     from tasks.metrics import risk_probabilities
 
-    high = summary["risk_levels"].index("high")
+    high = summary.risk_levels.index("high")
     prior = level_prior(summary)
     labels = val.labels(target)
     is_high = val.risk == high
@@ -236,7 +242,7 @@ def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summa
     def compute() -> dict[str, float]:
         probs = served.predict(val_inputs, verbose=0)
         picked = np.clip(probs[np.arange(len(labels)), labels], 1e-7, 1.0)
-        risk = risk_probabilities(probs, target, summary["diagnoses"], summary["risk_map"])
+        risk = risk_probabilities(probs, target, summary.diagnoses, summary.risk_map)
         predicted = called_levels(risk, prior)
         return {
             "val_loss": float(-np.log(picked).mean()),
@@ -403,9 +409,9 @@ def train(
     processed_dir, model_dir, reports_dir = Path(processed_dir), Path(model_dir), Path(reports_dir)
     summary = read_preprocess_summary(processed_dir)
     train_split, val = load_split(processed_dir, "train"), load_split(processed_dir, "val")
-    _check_monitor(params.monitor, val.risk == summary["risk_levels"].index("high"))
+    _check_monitor(params.monitor, val.risk == summary.risk_levels.index("high"))
     target = params.target
-    class_names = summary["risk_levels"] if target == "risk" else summary["diagnoses"]
+    class_names = summary.risk_levels if target == "risk" else summary.diagnoses
     n_classes = len(class_names)
     labels = train_split.labels(target)
     aux = target == "risk" and params.aux_dx_weight > 0
@@ -415,11 +421,11 @@ def train(
     scope = strategy_scope(params.distribution)  # variables live on every replica when mirrored
     with scope:
         model = build_model(
-            summary["image_size"],
+            summary.image_size,
             train_split.clinical.shape[1],
             n_classes,
             params,
-            aux_classes=len(summary["diagnoses"]) if aux else 0,
+            aux_classes=len(summary.diagnoses) if aux else 0,
         )
     served = served_output(model)  # shares the layers: validation scores what is trained
     weights = class_weights(labels, n_classes, params.class_weight_power) if params.class_weight_power else None
@@ -569,7 +575,7 @@ def _epoch_logger(run_id: str):
 def _log_to_run(run_id: str, calibration: dict, processed_dir: Path) -> None:
     """The temperature and the calibration figures, all fitted or measured on the validation split, as
     ``val_*`` metrics; the training and validation splits as the run's datasets."""
-    from tasks.preprocess import CASES_FILE
+    from tasks.schema import CASES_FILE
     from tasks.tracking import log_metrics, log_split_datasets
 
     log_metrics(run_id, {k if k.startswith("val_") else f"val_{k}": v for k, v in calibration.items()})

@@ -6,7 +6,6 @@ reported with their reasons and do not stop the others.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -16,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from tasks.atomic import atomic_path
-from tasks.clinical import parse_age
+from tasks.clinical import ClinicalEncoder, is_blank
 from tasks.errors import DataError, SkinriskError
 from tasks.images import load_image
-from tasks.schema import LOCALIZATIONS, RISK_LEVELS, SEXES
+from tasks.schema import RISK_LEVELS
 from tasks.shards import Executor, map_shards
 
 REQUIRED_COLUMNS = ("image", "age", "sex", "localization")
@@ -48,17 +47,11 @@ def action_for(risk_level: str, refer: bool) -> str:
     return ACTIONS["moderate"] if risk_level in ("moderate", "high") else ACTIONS["low"]
 
 
-def _check_row(row: Mapping, images_dir: Path, image_size: int, missing_policy: str) -> tuple[np.ndarray, float]:
+def _check_row(row: Mapping, images_dir: Path, image_size: int, encoder: ClinicalEncoder) -> tuple[np.ndarray, float]:
     """The decoded image and parsed age of one case; raises DataError naming the field."""
-    if pd.isna(row["image"]) or not str(row["image"]).strip():
+    if is_blank(row["image"]):
         raise DataError("image: empty")
-    age = parse_age(row["age"], where="age")
-    if math.isnan(age) and missing_policy == "drop":
-        raise DataError("age: missing, and this model was trained without imputation")
-    if row["sex"] not in SEXES:
-        raise DataError(f"sex: {row['sex']!r} is not one of {list(SEXES)}")
-    if row["localization"] not in LOCALIZATIONS:
-        raise DataError(f"localization: {row['localization']!r} is not one of {list(LOCALIZATIONS)}")
+    age = encoder.check(row["age"], row["sex"], row["localization"])
     root = Path(images_dir).resolve()
     path = (root / str(row["image"])).resolve()
     if not path.is_relative_to(root):
@@ -69,13 +62,13 @@ def _check_row(row: Mapping, images_dir: Path, image_size: int, missing_policy: 
 
 
 def _check_rows(
-    rows: list[tuple[int, dict]], images_dir: str, image_size: int, missing_policy: str
+    rows: list[tuple[int, dict]], images_dir: str, image_size: int, encoder: ClinicalEncoder
 ) -> list[tuple[int, np.ndarray | None, float | None, str | None]]:
     """One shard of cases: (index, image, age, None) for a valid row, (index, None, None, reason) else."""
     checked = []
     for index, row in rows:
         try:
-            image, age = _check_row(row, Path(images_dir), image_size, missing_policy)
+            image, age = _check_row(row, Path(images_dir), image_size, encoder)
         except DataError as exc:
             checked.append((index, None, None, str(exc)))
             continue
@@ -128,7 +121,7 @@ def triage(
         raise SkinriskError(f"{cases_csv}: missing column(s) {missing}; a cases file has {list(REQUIRED_COLUMNS)}")
     if bundle.operating_point is None:
         raise SkinriskError("the model carries no triage threshold (models/operating_point.json): evaluate it first")
-    image_size = int(bundle.summary["image_size"])
+    image_size = bundle.summary.image_size
 
     rows = [(index, row.to_dict()) for index, row in cases.iterrows()]
     shards = [rows[s : s + shard_size] for s in range(0, len(rows), shard_size)]
@@ -137,7 +130,7 @@ def triage(
             _check_rows,
             images_dir=str(images_dir),
             image_size=image_size,
-            missing_policy=bundle.encoder.missing_policy,
+            encoder=bundle.encoder,
         ),
         shards,
         executor=executor,

@@ -12,7 +12,9 @@ Each checkpoint runs on a throwaway copy of ``gx/`` (so the committed project is
 runs never share GX state), and what GX writes (its validation results and the Data Docs site)
 replaces ``reports_dir/gx/``. Both reports (``validation.json`` for machines and DVC,
 ``validation.md`` for people) are written atomically on success *and* on failure, then
-:class:`ValidationFailed` says what failed and where.
+:class:`ValidationFailed` says what failed and where. The stage runs before any MLflow run exists,
+so the run that trains on the validated data logs both reports and the Data Docs site
+(``data_docs/`` in its artifacts; :func:`tasks.runs.start_pipeline_run`).
 
 Image files in ``images/`` that the metadata does not list are reported as a **warning**, not a
 failure: every later stage reads only listed images, so a stray file cannot leak into training,
@@ -32,9 +34,8 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from functools import partial
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,7 @@ from tasks.schema import (
     RAW_METADATA_FILE,
     raw_image_path,
 )
-from tasks.shards import progress
+from tasks.shards import map_shards
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -198,13 +199,8 @@ def inspect_images(raw_dir: Path, image_ids: Sequence[str], workers: int = 0) ->
     ids = list(image_ids)
     chunk = max(_MIN_CHUNK, math.ceil(len(ids) / (workers * 4)))
     chunks = [ids[start : start + chunk] for start in range(0, len(ids), chunk)]
-    if workers == 1 or len(chunks) <= 1:
-        return [record for block in progress(chunks, "check images") for record in _inspect_chunk(str(raw_dir), block)]
-    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=get_context("spawn")) as pool:
-        blocks = progress(
-            pool.map(_inspect_chunk, [str(raw_dir)] * len(chunks), chunks), "check images", total=len(chunks)
-        )
-        return [record for block in blocks for record in block]
+    check = partial(_inspect_chunk, str(raw_dir))
+    return [record for block in map_shards(check, chunks, workers=workers, desc="check images") for record in block]
 
 
 def unlisted_image_files(raw_dir: Path, image_ids: set[str]) -> list[str]:
@@ -290,6 +286,7 @@ def _run_checkpoints(
         context.build_data_docs()
         written = project / "uncommitted"
         site = Path(url2pathname(urlparse(context.get_docs_sites_urls()[0]["site_url"]).path))
+        _serve_libraries_locally(site.parent)
         _add_static_index(site, {t.checkpoint: _verdict(r) for t, r in results.items()})
         (written / "config_variables.yml").unlink(missing_ok=True)
         output = reports_dir / GX_OUTPUT
@@ -307,12 +304,39 @@ def _verdict(result: Any) -> str:
     return "FAILED" if broken - {"warning"} else "passed with warnings" if broken else "passed"
 
 
+_CORS_ATTRIBUTE = re.compile(r'\s(?:integrity|crossorigin)(?:="[^"]*")?')
+_RESOURCE_TAG = re.compile(r'<(script|link|img)\b[^>]*?\b(?:src|href)="(https?://[^"]+)"[^>]*>(?:\s*</script>)?')
+
+
+def _serve_libraries_locally(site: Path) -> None:
+    """Point every Data Docs page at the browser libraries shipped in ``gx/vendor/`` (copied to the
+    site's ``static/vendor/``) instead of their CDNs, and drop the CDN tags of what the pages do
+    not need (a dark theme, Vega, the remote GX logo), so the site renders offline."""
+    vendor = site / "static" / "vendor"
+    shutil.copytree(GX_PROJECT / "vendor", vendor, ignore=shutil.ignore_patterns("*.md"), dirs_exist_ok=True)
+    # file name -> its place under vendor/ (Font Awesome's CSS finds its fonts in ../webfonts/)
+    shipped = {p.name: p.relative_to(vendor).as_posix() for p in vendor.rglob("*") if p.suffix in (".css", ".js")}
+    for page in site.rglob("*.html"):
+        local = Path(os.path.relpath(vendor, page.parent)).as_posix()
+        html = page.read_text(encoding="utf-8")
+        page.write_text(_RESOURCE_TAG.sub(partial(_local_or_dropped, local, shipped), html), encoding="utf-8")
+
+
+def _local_or_dropped(local: str, shipped: dict[str, str], tag: re.Match) -> str:
+    """A CDN ``<script>``/``<link>`` tag pointed at the shipped copy of its file, or removed."""
+    name = urlparse(tag.group(2)).path.rsplit("/", 1)[-1]
+    if name not in shipped:
+        return ""
+    # a file page's origin is null: a crossorigin (SRI) attribute would make Chromium refuse the script
+    return _CORS_ATTRIBUTE.sub("", tag.group(0).replace(tag.group(2), f"{local}/{shipped[name]}"))
+
+
 def _add_static_index(index: Path, verdicts: dict[str, str]) -> None:
     """Add a plain list of this run's pages to GX's Data Docs index page.
 
-    GX's index draws its tables with jQuery and bootstrap-table from CDNs, so offline it is empty
-    (the result and suite pages are static HTML, readable unstyled). The list hides itself when
-    those scripts did load.
+    GX's index draws its tables with jQuery and bootstrap-table (shipped with the site, see
+    :func:`_serve_libraries_locally`); where scripts do not run (a mail client, a locked-down
+    viewer) the index would be empty, so this list stands in. It hides itself when they did run.
     """
     site = index.parent
     items = []

@@ -102,3 +102,35 @@ def trained(learnable, tmp_path_factory):
         EvaluateParams(bootstrap_resamples=200),
     )
     return out, result, metrics
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright; skips visibly where Debian's Chromium is absent
+    (``apt-get install chromium``; ``.ci/run`` installs it).
+
+    Module-scoped: Playwright's sync API keeps an event loop running in the main thread while it
+    is open, and a later test that calls ``asyncio.run`` (Evidently's storage) fails under it."""
+    from tests.support import chromium_executable
+
+    executable = chromium_executable()
+    if executable is None:
+        pytest.skip("no Chromium on PATH: apt-get install chromium (or set SKINRISK_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh browser page (its own context: no cookies or storage shared between tests)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        yield context.new_page()
+    finally:
+        context.close()

@@ -100,3 +100,15 @@ def server_process(command: list[str], env: dict, health_url: str, log_path: Pat
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+
+
+def chromium_executable() -> str | None:
+    """Debian's Chromium (``apt-get install chromium``), which the browser tests drive through
+    Playwright: Playwright's own browser download needs the internet. None where it is absent."""
+    import os
+    import shutil
+
+    for candidate in (os.environ.get("SKINRISK_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and (found := shutil.which(candidate)):
+            return found
+    return None

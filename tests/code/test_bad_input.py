@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from tasks.cli import main
+from tasks.clinical import clinical_frame
 from tasks.decoding import resized_pixels
 from tasks.errors import DataError, ParamsError
 from tasks.ingest import import_dataset
 from tasks.params import load_params
-from tasks.preprocess import clinical_frame
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.cli import build_parser, main
+from tasks.cli import main
 
 COMMANDS = [
     ["data", "synth"],
@@ -21,16 +21,22 @@ COMMANDS = [
     ["registry", "promote"],
     ["registry", "rollback"],
     ["serve"],
+    ["app"],
+    ["model-card"],
     ["pipeline"],
 ]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_every_command_has_help(command, capsys):
-    with pytest.raises(SystemExit) as done:
-        build_parser().parse_args([*command, "--help"])
-    assert done.value.code == 0
+    assert main([*command, "--help"]) == 0
     assert "--params" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["preprocess", "--set"], ["train", "--no-such-option"], ["data"], []], ids=repr)
+def test_a_usage_error_exits_2_with_the_usage(command, capsys):
+    assert main(command) == 2
+    assert "Error: " in capsys.readouterr().err
 
 
 def test_a_stage_without_data_says_what_to_run(tmp_path, monkeypatch, capsys):

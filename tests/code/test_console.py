@@ -53,15 +53,15 @@ def test_an_error_is_one_line_on_the_console_and_its_traceback_goes_to_the_log(t
 
 
 def test_an_unexpected_exception_is_one_line_naming_the_log(tmp_path, monkeypatch, capsys):
-    import tasks.cli as cli
+    import tasks.validate
 
-    def broken(args):
+    def broken(*args):
         raise RuntimeError("a bug")
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "cmd_validate", broken)
-    monkeypatch.setattr(cli, "_WITHOUT_TENSORFLOW", {broken})
-    assert cli.main(["validate"]) == 1
+    (tmp_path / "params.yaml").write_text("{}\n")
+    monkeypatch.setattr(tasks.validate, "validate_raw", broken)
+    assert main(["validate"]) == 1
     err = capsys.readouterr().err
     log_file = Path("logs") / "skinrisk.log"
     assert (

@@ -10,9 +10,10 @@ import pytest
 
 from tasks.dataset import IMAGES_FILE
 from tasks.errors import SkinriskError
+from tasks.images import decode_images
 from tasks.params import PreprocessParams
-from tasks.preprocess import CASES_FILE, ENCODER_FILE, SPLITS, decode_images, preprocess
-from tasks.schema import raw_image_path
+from tasks.preprocess import preprocess
+from tasks.schema import CASES_FILE, ENCODER_FILE, SPLITS, raw_image_path
 from tests.support import free_port
 
 pytestmark = pytest.mark.slow  # starts Dask clusters (worker processes)
@@ -71,7 +72,7 @@ def test_preprocess_on_dask_writes_the_same_splits(scheduler, raw_dir, tmp_path)
 def test_triage_on_dask_writes_the_same_queue(scheduler, raw_dir, processed_dir, tmp_path):
     from tasks.clinical import ClinicalEncoder
     from tasks.model import build_model
-    from tasks.preprocess import read_preprocess_summary
+    from tasks.schema import read_preprocess_summary
     from tasks.scored_model import Bundle
     from tasks.triage import triage
     from tests.support import tiny_train_params

@@ -4,14 +4,20 @@ import numpy as np
 
 from tasks.decision import called_levels, level_prior
 from tasks.metrics import classification_figures
-from tasks.schema import RISK_LEVELS
+from tasks.schema import RISK_LEVELS, PreprocessSummary
 
-SUMMARY = {"counts": {"train": {"low": 700, "moderate": 200, "high": 100}}}
+
+def trained_on(train_counts: dict) -> PreprocessSummary:
+    """A preprocess summary whose training split holds ``train_counts`` images per level."""
+    return PreprocessSummary(image_size=32, risk_map={}, counts={"train": train_counts}, lesions={}, n_images=0)
+
+
+SUMMARY = trained_on({"low": 700, "moderate": 200, "high": 100})
 
 
 def test_the_prior_is_the_training_share_of_each_level():
     np.testing.assert_allclose(level_prior(SUMMARY), [0.7, 0.2, 0.1])
-    assert level_prior({}) is None
+    assert level_prior(trained_on({})) is None
 
 
 def test_a_case_as_likely_high_as_its_share_is_called_high_where_argmax_says_low():
@@ -21,7 +27,7 @@ def test_a_case_as_likely_high_as_its_share_is_called_high_where_argmax_says_low
 
 
 def test_a_level_absent_from_training_is_never_called():
-    prior = level_prior({"counts": {"train": {"low": 9, "moderate": 0, "high": 1}}})
+    prior = level_prior(trained_on({"low": 9, "moderate": 0, "high": 1}))
     assert called_levels(np.array([[0.1, 0.85, 0.05]]), prior).tolist() == [2]
 
 

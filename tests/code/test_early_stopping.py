@@ -7,7 +7,7 @@ import pytest
 
 from tasks.dataset import SplitArrays
 from tasks.errors import SkinriskError
-from tasks.schema import RISK_LEVELS
+from tasks.schema import PreprocessSummary
 from tasks.tracking import numeric_metrics
 from tasks.train import _check_monitor, _improved, _validation_figures, _worst
 
@@ -32,7 +32,7 @@ def test_high_risk_figures_are_nan_without_a_high_risk_validation_case_and_are_n
         image_id=np.array(["a", "b", "c", "d"]),
     )
     probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1]])
-    summary = {"risk_levels": list(RISK_LEVELS), "diagnoses": [], "risk_map": {}}
+    summary = PreprocessSummary(image_size=2, risk_map={}, counts={}, lesions={}, n_images=4, diagnoses=())
     figures = _validation_figures(_FixedModel(probs), val, None, "risk", summary)()
     assert math.isnan(figures["val_high_risk_auc"]) and math.isnan(figures["val_high_risk_recall"])
     assert figures["val_balanced_accuracy"] == pytest.approx(1.0)

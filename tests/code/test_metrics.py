@@ -15,13 +15,11 @@ from tasks.metrics import (
     choose_threshold,
     classification_figures,
     expected_calibration_error,
-    plot_confusion_matrix,
-    plot_reliability,
-    plot_training_curves,
     reliability_curve,
     risk_probabilities,
     triage_figures,
 )
+from tasks.plots import plot_confusion_matrix, plot_reliability, plot_training_curves
 from tasks.schema import DIAGNOSES, RISK_LEVELS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -450,3 +448,30 @@ def test_dvc_s_metrics_file_holds_the_headline_rounded() -> None:
     assert headline["high_risk_recall_at_0.95"] == 0.919
     assert all(not isinstance(v, dict | list) for v in headline.values()), "one level: one column each"
     assert "per_class" not in headline and "confusion_matrix" not in headline
+
+
+def test_what_scores_cases_never_imports_matplotlib():
+    """The served model, triage and the metrics load without the plotting stack (tasks.plots)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import tasks.metrics, tasks.scored_model, tasks.serving, tasks.triage\n"
+        "print(sorted(m for m in ('matplotlib', 'tasks.plots') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_confusion_plot_shows_each_cells_share_and_count(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.pyplot as plt
+
+    from tasks import plots
+
+    kept = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: kept.append(fig))
+    plot_confusion_matrix([[2, 1, 0], [0, 1, 1], [0, 0, 4]], NAMES, tmp_path / "cm.png")
+    texts = {t.get_text() for t in kept[0].axes[0].texts}
+    assert {"0.67\n(2)", "0.33\n(1)", "1.00\n(4)", "0.00\n(0)"} <= texts, texts
+    plt.close(kept[0])

@@ -73,6 +73,8 @@ def test_test_figures_do_not_overwrite_the_training_curves(run_id, cases_file, t
     assert [(m.step, m.value) for m in store.get_metric_history(run_id, "accuracy")] == [(1, 0.4), (2, 0.7)]
     assert [(m.step, m.value) for m in store.get_metric_history(run_id, "loss")] == [(1, 1.0), (2, 0.6)]
     assert logged["accuracy"] == 0.7, "the run table's accuracy is the last epoch's"
+    description = store.get_run(run_id).data.tags[tracking.NOTE_TAG]  # the run page's "Description"
+    assert "high-risk (melanoma) ROC-AUC" in description and "0.860" in description
     assert logged["test_accuracy"] == 0.55 and logged["test_loss"] == 0.8
     assert logged["test_high_risk_roc_auc"] == 0.86 and logged["test_triage.high_risk_recall"] == 0.9
     assert not any("confusion_matrix" in key for key in logged)

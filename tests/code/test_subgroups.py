@@ -56,6 +56,8 @@ def test_within_each_level_each_diagnosis_shows_how_it_is_called():
     assert bcc["called_low"] == 1.0 and bcc["called_moderate"] == 0.0
     assert bcc["n_images"] == int(((y == 1) & (cases["dx"] == "bcc")).sum())
     assert set(report["by_diagnosis"]["high"]) == {"mel"}
+    row = next(line for line in format_subgroups(report).splitlines() if line.startswith("| moderate | bcc |"))
+    assert row == f"| moderate | bcc | {bcc['n_images']} | 100.0% | 0.0% | 0.0% | {100 * bcc['referred']:.1f}% |"
 
 
 def test_small_subgroups_show_counts_only_and_the_table_and_plot_render(tmp_path):

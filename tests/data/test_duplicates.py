@@ -13,8 +13,8 @@ from PIL import Image
 
 from tasks.duplicates import near_duplicate_pairs, split_groups, view_hashes
 from tasks.params import PreprocessParams
-from tasks.preprocess import CASES_FILE, SUMMARY_FILE, preprocess
-from tasks.schema import RAW_METADATA_FILE, raw_image_path
+from tasks.preprocess import preprocess
+from tasks.schema import CASES_FILE, PROCESSED_SUMMARY_FILE, RAW_METADATA_FILE, raw_image_path
 
 SIZE = 128
 
@@ -66,6 +66,27 @@ def test_view_hashes_are_imagehash_s_phash_of_each_view():
         assert (ours != expected).sum() <= (4 if column in (2, 5) else 0), column
 
 
+def test_the_views_coefficients_are_those_of_a_dct_of_each_view():
+    """view_hashes takes one DCT per image and derives the 8 views' by transposes and sign flips:
+    bit for bit the hashes of transforming each view itself."""
+    from scipy.fftpack import dct
+
+    images = np.stack([_pixels(_lesion(seed)) for seed in range(6)])
+    grey = np.stack(
+        [np.asarray(Image.fromarray(im).convert("L").resize((64, 64), Image.Resampling.LANCZOS)) for im in images]
+    ).astype(np.float64)
+    views = [
+        np.rot90(grey, turn, axes=(1, 2))[:, :, ::-1] if mirror else np.rot90(grey, turn, axes=(1, 2))
+        for turn in range(4)
+        for mirror in (False, True)
+    ]
+    for column, view in enumerate(views):
+        low = dct(dct(view, axis=-2), axis=-1)[:, :16, :16]
+        expected = (low > np.median(low, axis=(-2, -1), keepdims=True)).reshape(len(images), -1)
+        ours = np.unpackbits(view_hashes(images)[:, column].astype(">u8").view(np.uint8), axis=-1).astype(bool)
+        assert (ours == expected).all(), column
+
+
 @pytest.mark.parametrize("copy", COPIES)
 def test_a_copy_under_another_lesion_is_joined_to_it(copy):
     originals = [_lesion(seed) for seed in range(12)]
@@ -108,7 +129,7 @@ def test_preprocess_keeps_a_mirrored_copy_under_another_lesion_in_the_same_split
     assert cases.loc["ISIC_9999999", "split"] == cases.loc[source["image_id"], "split"]
     assert cases.loc["ISIC_9999999", "split_group"] == cases.loc[source["image_id"], "split_group"]
     assert [source["image_id"], "ISIC_9999999"] in [pair[:2] for pair in summary.duplicates["examples"]]
-    saved = pd.read_json(tmp_path / "processed" / SUMMARY_FILE, typ="series")["duplicates"]
+    saved = pd.read_json(tmp_path / "processed" / PROCESSED_SUMMARY_FILE, typ="series")["duplicates"]
     assert saved["merged_groups"] >= 1
     # what the synthetic sample holds besides the planted copy: no unrelated lesions joined
     assert saved["near_duplicate_pairs"] == 1, saved

@@ -10,7 +10,8 @@ from tasks.clinical import ClinicalEncoder
 from tasks.dataset import IMAGES_FILE, load_split
 from tasks.errors import DataError
 from tasks.params import PreprocessParams
-from tasks.preprocess import CASES_FILE, ENCODER_FILE, SPLITS, first_group_fold, preprocess
+from tasks.schema import CASES_FILE, ENCODER_FILE, SPLITS
+from tasks.preprocess import first_group_fold, preprocess
 from tasks.schema import RAW_METADATA_FILE, RISK_LEVELS, raw_image_path
 
 
@@ -193,7 +194,7 @@ def test_split_file_without_its_image_file_is_refused(processed_dir, tmp_path):
 
 
 def test_an_error_beside_the_decoding_stops_it_and_nothing_writes_after(raw_dir, tmp_path):
-    from tasks.preprocess import ImageDecoding
+    from tasks.images import ImageDecoding
 
     metadata = pd.read_csv(raw_dir / RAW_METADATA_FILE)
     paths = [str(raw_image_path(raw_dir, image_id)) for image_id in metadata["image_id"]] * 20
@@ -210,10 +211,24 @@ def test_an_error_beside_the_decoding_stops_it_and_nothing_writes_after(raw_dir,
 
 def test_an_unknown_executor_is_refused_naming_the_accepted_ones(tmp_path):
     from tasks.errors import SkinriskError
-    from tasks.preprocess import ImageDecoding
+    from tasks.images import ImageDecoding
     from tasks.shards import map_shards
 
     with pytest.raises(SkinriskError, match=r"unknown executor 'ray'; accepted: \['processes', 'threads', 'dask'\]"):
         ImageDecoding(32, tmp_path / "images.npy", executor="ray")
     with pytest.raises(SkinriskError, match="unknown executor 'ray'"):
         map_shards(len, [[1]], executor="ray")
+
+
+def test_preprocess_json_reads_back_as_the_summary_the_stage_returned(raw_dir, tmp_path):
+    from tasks.schema import PROCESSED_SUMMARY_FILE, PreprocessSummary, read_preprocess_summary
+
+    returned = preprocess(raw_dir, tmp_path / "processed", PreprocessParams(image_size=32, workers=1))
+    assert read_preprocess_summary(tmp_path / "processed") == returned
+    assert returned.seconds_decoding is not None, "the stage reports its decoding time"
+    written = json.loads((tmp_path / "processed" / PROCESSED_SUMMARY_FILE).read_text())
+    assert "seconds_decoding" not in written, "a timing in preprocess.json would change the stage's output every run"
+    # A summary written by another version (a registered model's artifact) still reads, extra keys and all.
+    assert PreprocessSummary.from_json({**written, "cv_fold": 3}) == returned
+    with pytest.raises(DataError, match="run `skinrisk preprocess` first"):
+        read_preprocess_summary(tmp_path / "nowhere")

@@ -508,3 +508,36 @@ def test_relative_folders_validate_as_the_cli_passes_them(raw: Path, tmp_path: P
     summary = validate_raw(Path("raw"), Path("reports"), PARAMS)
     assert Path(summary.data_docs).is_file()
     assert Path(summary.data_docs).resolve() == (tmp_path / "reports/gx/data_docs/local_site/index.html").resolve()
+
+
+def test_the_run_that_trains_on_the_data_logs_its_data_docs(raw: Path, reports: Path, mlflow_store: str) -> None:
+    """Validation runs before any MLflow run exists; the pipeline's run records it when it opens:
+    the verdict as tags to filter runs on, both reports and the whole Data Docs site."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks.params import Params
+    from tasks.runs import start_pipeline_run
+
+    write_image(raw / "images" / "ISIC_9999999.jpg")  # a warning, which the tag should say
+    summary = validate_raw(raw, reports, PARAMS)
+
+    run_id = start_pipeline_run(Params(), raw, reports, orchestrator="dvc", source="synthetic")
+
+    client = MlflowClient(mlflow_store)
+    tags = client.get_run(run_id).data.tags
+    assert tags["data_validation"] == "passed with 1 warning(s)"
+    assert tags["data_validation.expectations"] == f"{summary.evaluated} evaluated, 0 failed, 0 skipped"
+
+    def listed(folder: str) -> set[str]:
+        found = set()
+        for entry in client.list_artifacts(run_id, folder):
+            found |= listed(entry.path) if entry.is_dir else {entry.path}
+        return found
+
+    assert {"data/validation.json", "data/validation.md"} <= listed("data")
+    site = summary.data_docs.parent
+    logged = listed("data_docs")
+    assert logged == {f"data_docs/{p.relative_to(site).as_posix()}" for p in site.rglob("*") if p.is_file()}
+    assert {f"data_docs/{href}" for href in _static_links(summary.data_docs).values()} <= logged
+    index = Path(client.download_artifacts(run_id, "data_docs/index.html", str(reports.parent / "downloaded")))
+    assert "raw_images</a>: passed with warnings" in index.read_text(encoding="utf-8")

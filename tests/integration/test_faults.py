@@ -153,12 +153,13 @@ def _probe_start_tracking(tmp_path: Path):
     from prefect import flow
 
     from tasks import prefect_tasks as t
+    from tasks.params import load_params
 
-    params = tiny_params_file(tmp_path / "params.yaml")
+    params = load_params(tiny_params_file(tmp_path / "params.yaml"), [])
 
     @flow(name="retry-probe")
     def probe() -> str:
-        return t.start_tracking(str(tmp_path / "raw"), str(tmp_path / "reports"), str(params), [], "synthetic")
+        return t.start_tracking(str(tmp_path / "raw"), str(tmp_path / "reports"), params, "synthetic")
 
     return probe
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks import paths
 from tests.support import PROJECT_ROOT, tiny_params_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -57,11 +58,15 @@ def test_prefect_flow_runs_end_to_end_and_registers_a_challenger(tmp_path, monke
         result = training_pipeline(params_file=str(params))
     assert result["data"] == "synthetic"
     assert result["model_uri"].startswith("models:/skinrisk/")
-    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    # a Prefect run works in its own folders: DVC's outputs (data/processed, models, reports) stay untouched
+    workspace = tmp_path / paths.PREFECT_WORKSPACE
+    metrics = json.loads((workspace / "reports" / "metrics.json").read_text())
     assert set(metrics) >= {"balanced_accuracy", "balanced_accuracy_ci95", "confusion_matrix", "ece", "triage"}
-    assert (tmp_path / "reports" / "validation.md").exists()
-    assert (tmp_path / "reports" / "explain" / "explanations.json").exists()
-    assert (tmp_path / "models" / "reference_profile.parquet").exists()
+    assert (workspace / "reports" / "validation.md").exists()
+    assert (workspace / "reports" / "explain" / "explanations.json").exists()
+    assert (workspace / "models" / "reference_profile.parquet").exists()
+    assert (workspace / "processed" / "preprocess.json").exists()
+    assert not any((tmp_path / d).exists() for d in (paths.PROCESSED_DIR, paths.MODELS_DIR, paths.REPORTS_DIR))
     _assert_registered(mlflow_store, result["run_id"])
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks import paths
 from tests.support import PROJECT_ROOT, free_port, tiny_params_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -88,7 +89,7 @@ def _incoming(project: Path) -> tuple[Path, Path]:
     """New cases as a clinic would send them: a folder of photos and a cases CSV."""
     photos = project / "photos"
     photos.mkdir(exist_ok=True)
-    cases = pd.read_csv(project / "data" / "processed" / "cases.csv").query("split == 'test'").head(6)
+    cases = pd.read_csv(project / paths.PREFECT_PROCESSED_DIR / "cases.csv").query("split == 'test'").head(6)
     rows = []
     for image_id, age, sex, site in cases[["image_id", "age", "sex", "localization"]].itertuples(index=False):
         shutil.copy(project / "data" / "raw" / "images" / f"{image_id}.jpg", photos / f"{image_id}.jpg")

@@ -21,8 +21,16 @@ from tasks.clinical import ClinicalEncoder
 from tasks.dataset import load_split
 from tasks.model import build_model, inference_model, load_model
 from tasks.params import PreprocessParams
-from tasks.preprocess import CASES_FILE, ENCODER_FILE, SPLITS, preprocess, read_preprocess_summary
-from tasks.schema import RAW_IMAGES_DIR, RAW_METADATA_FILE, RISK_LEVELS
+from tasks.preprocess import preprocess
+from tasks.schema import (
+    CASES_FILE,
+    ENCODER_FILE,
+    RAW_IMAGES_DIR,
+    RAW_METADATA_FILE,
+    RISK_LEVELS,
+    SPLITS,
+    read_preprocess_summary,
+)
 from tasks.scored_model import Bundle, predict_risk
 from tests.support import tiny_train_params
 

@@ -181,7 +181,7 @@ def test_the_pyfunc_and_evaluate_give_the_same_calibrated_probabilities(saved, t
     processed.mkdir()
     encoder = ENCODER
     encoder.save(processed / "encoder.json")
-    (processed / "preprocess.json").write_text(json.dumps(SUMMARY), encoding="utf-8")
+    (processed / "preprocess.json").write_text(json.dumps(SUMMARY.to_json()), encoding="utf-8")
     point = tmp_path / "operating_point.json"
     point.write_text(json.dumps({"target": "risk", "threshold": 0.3, "target_recall": 0.9}), encoding="utf-8")
     served = RiskModel()

@@ -12,7 +12,7 @@ import pytest
 from keras import layers
 
 from tasks.clinical import ClinicalEncoder
-from tasks.errors import DataError
+from tasks.errors import DataError, ParamsError, SkinriskError
 from tasks.explain import (
     CASE_EXPLANATION_FILE,
     CASE_GRADCAM_FILE,
@@ -23,12 +23,17 @@ from tasks.explain import (
     SHAP_SUMMARY_FILE,
     SHAP_VALUES_FILE,
     SHAP_VARIABLES,
+    CaseView,
+    case_grid_figure,
+    case_shap_figure,
     clinical_shap,
+    colour_bar_label,
     explain_case,
     explain_test_cases,
     level_assignment,
     make_gradcam_heatmap,
     neutral_background,
+    overlay_figure,
     render_overlay,
     risk_level_gradcam,
     risk_predictor,
@@ -44,9 +49,9 @@ from tasks.model import (
     fusion_head,
     inference_model,
 )
-from tasks.params import ExplainParams
+from tasks.params import MOBILENET_V2_GRADCAM_LAYERS, ExplainParams, load_params
 from tasks.schema import DIAGNOSES, RISK_LEVELS
-from tests.support import tiny_train_params
+from tests.support import PROJECT_ROOT, tiny_train_params
 
 RISK_MAP = {"low": ["nv", "bkl", "df", "vasc"], "moderate": ["akiec"], "high": ["mel", "bcc"]}
 ENCODER = ClinicalEncoder(age_mean=52.0, age_std=16.0, age_fill=50.0, missing_policy="impute")
@@ -93,13 +98,12 @@ _LESION_COLOURS = np.array([(90, 55, 40), (170, 40, 50), (60, 80, 200)], dtype=n
 _SKIN = np.array([218.0, 164.0, 152.0])
 
 
-def _lesion_images(n: int, rng: np.random.Generator, *, with_plain_skin: bool):
+def _lesion_images(n: int, rng: np.random.Generator, *, with_plain_skin: bool, size: int = _LESION_SIZE):
     """Discs of a class colour on skin-coloured noise at random positions; ellipse truth.
 
     With ``with_plain_skin`` a fourth class of lesion-free skin is mixed in, so that each lesion
     class has to be recognised by its own colour, not as "none of the other colours".
     """
-    size = _LESION_SIZE
     ys, xs = np.mgrid[0:size, 0:size] + 0.5
     n_classes = 4 if with_plain_skin else 3
     labels = rng.integers(0, n_classes, n)
@@ -182,6 +186,76 @@ def test_gradcam_heat_falls_on_the_lesion():
     assert (shares > 3 * areas).mean() >= 0.9, np.round(shares / areas, 1)
 
 
+def _mass_inside(heatmap: np.ndarray, size: int, disc: tuple[float, float, float]) -> tuple[float, float]:
+    """(share of the upsampled heatmap's mass inside the disc, the disc's share of the frame)."""
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    cx, cy, radius = disc
+    inside = (xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2
+    field = upsample_heatmap(heatmap, size)
+    return float(field[inside].sum() / max(field.sum(), 1e-12)), float(inside.mean())
+
+
+@pytest.mark.slow
+def test_the_default_gradcam_layer_puts_the_heat_on_the_lesion():
+    """explain.gradcam_layer's default, on build_model's own ImageNet MobileNetV2 (frozen) with its
+    head trained to tell lesion colours apart: more of the heat lies on the lesion than a uniform
+    map's share (the lesion's area) puts there, and than on ``out_relu``'s coarser grid
+    (benchmarks/gradcam_layers.py measures the same on the synthetic dermoscopy sample)."""
+    size, n_clinical = 96, 4
+    layer = ExplainParams().gradcam_layer
+    rng = np.random.default_rng(3)
+    train_images, train_labels, _ = _lesion_images(240, rng, with_plain_skin=True, size=size)
+    test_images, test_labels, discs = _lesion_images(24, rng, with_plain_skin=False, size=size)
+    model = build_model(size, n_clinical, 4, tiny_train_params(weights="imagenet", alpha=1.0))
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    normalize = lambda images: images.astype(np.float32) / 127.5 - 1.0  # noqa: E731
+    no_clinical = np.zeros((len(train_images), n_clinical), np.float32)
+    model.fit({"image": normalize(train_images), "clinical": no_clinical}, train_labels, epochs=15, verbose=0)
+    probs = model.predict({"image": normalize(test_images), "clinical": no_clinical[: len(test_images)]}, verbose=0)
+    assert (probs.argmax(axis=1) == test_labels).mean() >= 0.8, "the toy task was not learned"
+
+    shares = {name: [] for name in (layer, LAST_CONV_LAYER)}
+    areas = []
+    for image, label, disc in zip(test_images, test_labels, discs, strict=True):
+        for name in shares:
+            heatmap = make_gradcam_heatmap(
+                model,
+                normalize(image),
+                np.zeros(n_clinical, np.float32),
+                class_index=int(label),
+                last_conv_layer_name=name,
+            )
+            share, area = _mass_inside(heatmap, size, disc)
+            shares[name].append(share)
+        areas.append(area)
+    chosen, coarse, areas = np.array(shares[layer]), np.array(shares[LAST_CONV_LAYER]), np.array(areas)
+    # Measured (seed 3, 96 px, frozen backbone): block_13_expand_relu 0.23 of the mass inside the
+    # lesion, above the lesion's area on 62% of images; out_relu 0.09, no better than a uniform
+    # map (the lesion covers 0.08 of the frame).
+    assert chosen.mean() > 2 * areas.mean(), (chosen.mean(), areas.mean())
+    assert (chosen > areas).mean() > 0.5, np.round(chosen / areas, 1)
+    assert chosen.mean() > 2 * coarse.mean(), (chosen.mean(), coarse.mean())
+
+
+def test_gradcam_layers_in_params_are_the_backbones(dx_model):
+    backbone = {layer.name for layer in dx_model.layers if len(getattr(layer.output, "shape", ())) == 4}
+    assert set(MOBILENET_V2_GRADCAM_LAYERS) <= backbone
+    activations = {name for name in backbone if name.endswith(("_relu", "_add"))}
+    assert activations == set(MOBILENET_V2_GRADCAM_LAYERS)
+    assert ExplainParams().gradcam_layer in MOBILENET_V2_GRADCAM_LAYERS
+
+
+def test_an_unknown_gradcam_layer_is_a_one_line_error(dx_model, tmp_path):
+    with pytest.raises(ParamsError) as error:
+        load_params(PROJECT_ROOT / "params.yaml", ["explain.gradcam_layer=block_99_relu"])
+    (line,) = [line for line in str(error.value).splitlines() if line.strip().startswith("explain.gradcam_layer")]
+    assert "'block_99_relu' is not a MobileNetV2 activation layer" in line and "out_relu" in line
+    # A model without the layer (one not built by build_model) says so in one line too.
+    with pytest.raises(SkinriskError, match="no layer 'block_99_relu'") as error:
+        make_gradcam_heatmap(dx_model, _image(0, 64), _case(50.0, "male", "back"), last_conv_layer_name="block_99_relu")
+    assert "\n" not in str(error.value) and "explain.gradcam_layer" in str(error.value)
+
+
 def test_gradcam_of_a_dx_risk_level_differentiates_its_summed_probability(dx_model):
     import tensorflow as tf
 
@@ -247,6 +321,31 @@ def test_overlay_blends_the_heatmap_over_the_image():
     assert up.shape == (8, 8) and up[0, 0] > up[7, 7] and up.min() >= 0 and up.max() <= 1
 
 
+def test_overlays_carry_a_labelled_colour_bar():
+    import matplotlib.pyplot as plt
+
+    image = np.full((32, 32, 3), 180, dtype=np.uint8)
+    overlay = render_overlay(image, np.eye(4, dtype=np.float32))
+    fig = overlay_figure(overlay, "high")
+    try:
+        assert len(fig.axes) == 2, "the overlay and its colour bar"
+        bar = fig.axes[1]
+        assert bar.get_ylabel() == colour_bar_label("high") == "Grad-CAM: relative contribution to P(high risk)"
+        assert bar.get_ylim() == (0.0, 1.0)
+    finally:
+        plt.close(fig)
+
+    probabilities = {"low": 0.2, "moderate": 0.1, "high": 0.7}
+    cases = [CaseView(f"ISIC_{k}", image, overlay, "high", probabilities, "low") for k in range(4)]
+    fig = case_grid_figure(cases, per_row=3)
+    try:
+        # Two rows of 3 x (image, overlay), and one colour bar for them all.
+        assert len(fig.axes) == 2 * 3 * 2 + 1
+        assert fig.axes[-1].get_xlabel() == colour_bar_label(None)
+    finally:
+        plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------
 # SHAP for the clinical variables
 
@@ -281,28 +380,73 @@ def test_shap_credits_the_site_a_model_uses_with_its_exact_effect_on_the_explain
     background = neutral_background(ENCODER)
 
     # softmax(logits / T) by hand: mel's logit is weight on the face, every other logit is 0.
+    # SHAP explains each level's log-odds, log(P / (1 - P)).
     boost = math.exp(weight / temperature)
     on_face = {"low": 4 / (boost + 6), "moderate": 1 / (boost + 6), "high": (boost + 1) / (boost + 6)}
     elsewhere = {"low": 4 / 7, "moderate": 1 / 7, "high": 2 / 7}
+    logit = lambda p: math.log(p / (1 - p))  # noqa: E731
     face_share = 1 / len(ENCODER.localizations)  # the neutral background holds every site once per sex
 
     cases = [(40.0, "female", "face"), (75.0, "male", "back"), (math.nan, "unknown", "unknown")]
     for k, (age, sex, site) in enumerate(cases):
         for level_index, level in enumerate(RISK_LEVELS):
             result = clinical_shap(predictor, _image(k, size=16), (age, sex, site), background, ENCODER, level_index)
-            expected_output = (on_face if site == "face" else elsewhere)[level]
-            expected_base = face_share * on_face[level] + (1 - face_share) * elsewhere[level]
+            probability = (on_face if site == "face" else elsewhere)[level]
+            expected_output = logit(probability)
+            expected_base = face_share * logit(on_face[level]) + (1 - face_share) * logit(elsewhere[level])
             where = (site, level, result)
-            assert result["output"] == pytest.approx(expected_output, abs=1e-5), where
+            assert result["unit"].startswith("log-odds"), where
+            assert result["probability"] == pytest.approx(probability, abs=1e-6), where
+            assert result["output"] == pytest.approx(expected_output, abs=1e-4), where
             assert result["base_value"] == pytest.approx(expected_base, abs=1e-5), where
             # One variable matters: it carries the whole difference from the background's mean...
-            assert result["values"]["localization"] == pytest.approx(expected_output - expected_base, abs=1e-5), where
+            assert result["values"]["localization"] == pytest.approx(expected_output - expected_base, abs=1e-4), where
             # ...and the variables the model ignores get nothing.
             assert abs(result["values"]["age"]) < 1e-6 and abs(result["values"]["sex"]) < 1e-6, where
             # Directionally: a face raises high risk and lowers low risk; any other site the reverse.
             if level != "moderate":
                 raises = (site == "face") == (level == "high")
                 assert (result["values"]["localization"] > 0.01) == raises, where
+
+
+def test_shap_stays_additive_in_log_odds_where_probabilities_saturate():
+    # logit_mel = 60 on the face: P(high) is exactly 1.0 in float32, yet its log-odds, from the
+    # other levels' (tiny, exact) probabilities, is log((e^60 + 1) / 5).
+    weight = 60.0
+    model = _face_raises_melanoma_model(weight, temperature=1.0)
+    predictor = risk_predictor(calibrated_single_view(model), level_assignment(len(DIAGNOSES), DIAGNOSES, RISK_MAP))
+    high = RISK_LEVELS.index("high")
+    result = clinical_shap(predictor, _image(0, 16), (50.0, "male", "face"), neutral_background(ENCODER), ENCODER, high)
+
+    assert result["probability"] == 1.0  # saturated
+    assert result["output"] == pytest.approx(weight - math.log(5), abs=1e-3)
+    face_share = 1 / len(ENCODER.localizations)
+    expected_base = face_share * (weight - math.log(5)) + (1 - face_share) * math.log(2 / 5)
+    assert result["base_value"] == pytest.approx(expected_base, abs=1e-3)
+    assert result["base_value"] + sum(result["values"].values()) == pytest.approx(result["output"], abs=1e-6)
+    assert result["values"]["localization"] > 40
+
+
+def test_case_shap_plot_reads_in_log_odds_without_an_axis_offset():
+    import matplotlib.pyplot as plt
+
+    # What a saturated case looked like in probability: 0.9999998 with pushes of 1e-9.
+    result = {
+        "base_value": 14.2,
+        "values": {"age": 0.8, "sex": -0.05, "localization": 1.3},
+        "output": 16.25,
+        "probability": 0.9999999,
+    }
+    fig = case_shap_figure(result, {"age": 63.0, "sex": "male", "localization": "back"}, level="high")
+    try:
+        fig.canvas.draw()
+        assert all(ax.xaxis.get_offset_text().get_text() == "" for ax in fig.axes)
+        assert fig.axes[0].get_xlabel().startswith("log-odds of P(high risk)")
+        labels = " ".join(t.get_text() for ax in fig.axes for t in ax.get_yticklabels())
+        assert "63" in labels and "back" in labels and "male" in labels
+        assert "> 0.9999" in fig.get_suptitle()
+    finally:
+        plt.close(fig)
 
 
 def test_shap_is_deterministic_for_a_seed(risk_model):
@@ -346,7 +490,7 @@ def test_age_dominates_when_only_age_matters():
 def test_missing_age_follows_the_encoders_policy(risk_model):
     strict = ClinicalEncoder(age_mean=52.0, age_std=16.0, age_fill=50.0, missing_policy="drop")
     predictor = risk_predictor(risk_model, np.eye(3))
-    with pytest.raises(DataError, match="age missing"):
+    with pytest.raises(DataError, match="age: missing"):
         clinical_shap(predictor, _image(0), (None, "male", "back"), _background(10, 0), strict, 0)
     # Under "impute" an unknown age is a value of its own (imputed, with its missing flag).
     result = clinical_shap(predictor, _image(0), (None, "male", "back"), neutral_background(ENCODER), ENCODER, 0)
@@ -377,7 +521,7 @@ def test_case_selection_prefers_confident_correct_cases_then_confident_mistakes(
 
 
 def _save_model(path, processed_dir, n_outputs: int = 3):
-    from tasks.preprocess import ENCODER_FILE
+    from tasks.schema import ENCODER_FILE
 
     encoder = ClinicalEncoder.load(processed_dir / ENCODER_FILE)
     model = build_model(32, encoder.n_features, n_outputs, tiny_train_params())
@@ -414,7 +558,7 @@ def test_explain_test_cases_writes_every_file_and_logs_them(processed_dir, tmp_p
     case = report["cases"][0]
     assert set(case) >= {"image_id", "true_level", "predicted_level", "probabilities", "shap", "gradcam"}
     from tasks.decision import level_prior
-    from tasks.preprocess import read_preprocess_summary
+    from tasks.schema import read_preprocess_summary
 
     shares = dict(zip(RISK_LEVELS, level_prior(read_preprocess_summary(processed_dir)), strict=True))
     relative = {level: p / shares[level] for level, p in case["probabilities"].items()}
@@ -427,7 +571,7 @@ def test_explain_test_cases_writes_every_file_and_logs_them(processed_dir, tmp_p
 
 @pytest.fixture(scope="module")
 def case_bundle(processed_dir, tmp_path_factory):
-    from tasks.preprocess import read_preprocess_summary
+    from tasks.schema import read_preprocess_summary
     from tasks.scored_model import Bundle
 
     path = tmp_path_factory.mktemp("case-model") / "model.keras"
@@ -456,8 +600,10 @@ def test_explain_case_writes_its_three_outputs(case_bundle, raw_dir, tmp_path):
     assert payload["risk_level"] == max(relative, key=relative.get)  # the level called (tasks.decision)
     assert payload["threshold"] == 0.3 and payload["refer"] == (probabilities["high"] >= 0.3)
     shap = payload["shap"]
+    assert shap["unit"].startswith("log-odds")
     assert abs(shap["base_value"] + sum(shap["values"].values()) - shap["output"]) < 1e-5
-    assert abs(shap["output"] - probabilities[payload["risk_level"]]) < 1e-4
+    assert abs(shap["probability"] - probabilities[payload["risk_level"]]) < 1e-4
+    assert shap["output"] == pytest.approx(math.log(shap["probability"] / (1 - shap["probability"])), abs=1e-3)
     assert shap["background"].startswith("neutral")
 
 
@@ -471,7 +617,7 @@ def test_explain_case_refuses_bad_inputs_with_clear_messages(case_bundle, raw_di
         explain_case(case_bundle, broken, 50, "male", "back", tmp_path / "a", params)
     with pytest.raises(DataError, match=r"nowhere\.jpg"):
         explain_case(case_bundle, tmp_path / "nowhere.jpg", 50, "male", "back", tmp_path / "a", params)
-    with pytest.raises(DataError, match="unknown site") as error:
+    with pytest.raises(DataError, match="unknown localization") as error:
         explain_case(case_bundle, image, 50, "male", "elbow", tmp_path / "a", params)
     assert "'upper extremity'" in str(error.value)
     with pytest.raises(DataError, match="unknown sex") as error:

@@ -368,8 +368,8 @@ def test_a_cases_csv_batch_reads_like_a_folder(batches, tmp_path):
 @pytest.mark.slow
 def test_quick_verdicts_agree_with_the_evidently_report(reference_path, bundle, batches, same_summary, tmp_path):
     """benchmarks/monitor_sensitivity.py uses column_drift: it must give the report's verdicts."""
+    from tasks.images import decode_images
     from tasks.monitor import ReferenceProfile, column_drift, one_per_lesion, original_sizes, profile_batch, read_batch
-    from tasks.preprocess import decode_images
 
     profile = ReferenceProfile.load(reference_path)
     cases = read_batch(batches / "same", tmp_path)
@@ -380,6 +380,7 @@ def test_quick_verdicts_agree_with_the_evidently_report(reference_path, bundle, 
     current = profile_batch(profile, bundle, frame, decode_images(paths, 32, workers=1), original_sizes(paths))
     quick = column_drift(profile.table, current, profile.groups, MonitorParams())
     assert quick.drifted_columns == same_summary["drifted_columns"]
+    assert quick.alarm == same_summary["alarm"], "the benchmark path applies Evidently's dataset rule"
     for name, column in same_summary["columns"].items():
         assert quick.columns[name].score == pytest.approx(column["score"], rel=1e-6, abs=1e-12), name
 
@@ -494,6 +495,23 @@ def small_drift():
     drift = detect_drift(table(400), table(200, older=6, brighter=12), SMALL_GROUPS, MonitorParams(), title=label.title)
     assert set(drift.drifted_columns) == {"age", "brightness"}, drift.columns
     return drift, label
+
+
+@pytest.mark.parametrize(("drift_share", "alarm"), [(0.4, True), (0.41, False)])
+def test_the_alarm_is_evidently_s_dataset_drift_verdict(small_drift, drift_share, alarm):
+    """Two of the five columns drifted: Evidently's share-of-drifted-columns test raises the alarm
+    from a drift_share of 0.4 (2/5) on, and not above it."""
+    from tasks.monitor import detect_drift
+
+    drift, _ = small_drift
+    rng = np.random.default_rng(1)
+    reference = pd.DataFrame({name: rng.normal(0, 1, 300) for name in ("a", "b", "c", "d", "e")})
+    current = reference.sample(200, random_state=1).reset_index(drop=True)
+    current[["a", "b"]] += 3
+    groups = {"clinical": ["a", "b", "c", "d", "e"]}
+    result = detect_drift(reference, current, groups, MonitorParams(drift_share=drift_share))
+    assert result.drifted_columns == ["a", "b"] and result.dataset_drift is alarm and result.alarm is alarm
+    assert drift.dataset_drift is not None
 
 
 def _drifted_first(drift) -> list[str]:

@@ -29,7 +29,7 @@ from tasks.images import load_image, normalize_for_mobilenet
 from tasks.model import build_model, load_model
 from tasks.params import TrainParams
 from tasks.register import Registration, load_registered, register_model
-from tasks.schema import DIAGNOSES, RISK_LEVELS
+from tasks.schema import DIAGNOSES, RISK_LEVELS, PreprocessSummary
 from tasks.serving import (
     OUTPUT_COLUMNS,
     RiskModel,
@@ -42,13 +42,9 @@ from tasks.serving import (
 IMAGE_SIZE = 32
 PARAMS = TrainParams(weights="none", alpha=0.35, image_units=8, clinical_units=4, fusion_units=8)
 RISK_MAP = {"high": ["mel"], "moderate": ["bcc", "akiec"], "low": ["nv", "bkl", "df", "vasc"]}
-SUMMARY = {
-    "image_size": IMAGE_SIZE,
-    "risk_levels": list(RISK_LEVELS),
-    "diagnoses": list(DIAGNOSES),
-    "risk_map": RISK_MAP,
-    "missing_clinical": "impute",
-}
+SUMMARY = PreprocessSummary(
+    image_size=IMAGE_SIZE, risk_map=RISK_MAP, counts={}, lesions={}, n_images=0, missing_clinical="impute"
+)
 DATA_VERSION = "sha256:0123456789abcdef"
 PROBABILITIES = ["p_low", "p_moderate", "p_high"]
 
@@ -129,7 +125,7 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     processed.mkdir()
     encoder = ClinicalEncoder(age_mean=50, age_std=15, age_fill=50, missing_policy="impute")
     encoder.save(processed / "encoder.json")
-    (processed / "preprocess.json").write_text(json.dumps(SUMMARY), encoding="utf-8")
+    (processed / "preprocess.json").write_text(json.dumps(SUMMARY.to_json()), encoding="utf-8")
 
     paths = {"processed": processed}
     for target, n_classes in (("risk", len(RISK_LEVELS)), ("dx", len(DIAGNOSES))):

@@ -170,7 +170,7 @@ def test_weight_averaging_keeps_the_averaged_weights(processed_dir, tmp_path):
     the raw weights. Keras starts the average at the weights after the first step, so at momentum
     0.999 the kept weights are about one Adam step (the rate) from the start, the raw ones many."""
     from tasks.model import build_model, head_of, load_model, single_view
-    from tasks.preprocess import read_preprocess_summary
+    from tasks.schema import read_preprocess_summary
     from tasks.train import train
 
     summary = read_preprocess_summary(processed_dir)
@@ -184,7 +184,7 @@ def test_weight_averaging_keeps_the_averaged_weights(processed_dir, tmp_path):
             head_epochs=1, finetune_epochs=0, steps_per_epoch=12, learning_rate=1e-2, ema_momentum=ema, calibrate=False
         )
         result = train(processed_dir, tmp_path / f"ema-{ema}" / "models", tmp_path / f"ema-{ema}" / "reports", params)
-        start = build_model(summary["image_size"], result_clinical(processed_dir), 3, params, aux_classes=7)
+        start = build_model(summary.image_size, result_clinical(processed_dir), 3, params, aux_classes=7)
         kept = output_kernel(single_view(load_model(result.model_path)))
         moved[ema] = float(np.abs(kept - output_kernel(start)).mean())
     assert moved[0.0] > 0, "the raw weights moved"
