@@ -156,6 +156,15 @@ def test_mlflow_registry_shows_the_registered_version(mlflow_ui, registered, pag
 # ------------------------------------------------------------------------- Great Expectations
 
 
+# A success icon on the page is drawn in Font Awesome, and that font has loaded
+# (polled: Playwright does not wait for a promise a polled function returns, so no `await` in it)
+ICON_FONT_LOADED = """() => {
+    const drawn = [...document.querySelectorAll("i.fa-check-circle")].filter(e => e.checkVisibility());
+    return drawn.some(e => getComputedStyle(e, "::before").fontFamily.startsWith('"Font Awesome'))
+        && [...document.fonts].some(f => f.family.includes("Font Awesome") && f.status === "loaded");
+}"""
+
+
 def test_data_docs_render_offline_with_each_checkpoint_and_its_success(pipeline, page, tmp_path) -> None:
     """GX's own index table (jQuery, bootstrap-table, Font Awesome shipped with the site, nothing from a
     CDN): one row per checkpoint with its success icon, each linking to its result page."""
@@ -166,12 +175,14 @@ def test_data_docs_render_offline_with_each_checkpoint_and_its_success(pipeline,
     page.goto(index.as_uri())
     rows = page.get_by_role("row").filter(has_text="skinrisk-validate")
     rows.first.wait_for(timeout=TIMEOUT_MS)
+    # bootstrap-table may draw its rows again after the first paint (its filter extension does, later on a
+    # busy machine), and a replaced icon has no style at all: wait until a drawn icon shows the shipped
+    # Font Awesome glyph and its web font has loaded from the site (no network, so from static/vendor/)
+    page.wait_for_function(ICON_FONT_LOADED, timeout=TIMEOUT_MS)
     _screenshot(page, tmp_path, "data-docs")
     assert rows.count() == 3, rows.all_inner_texts()
     assert page.locator("#skinrisk-static-index").is_hidden(), "the scripts ran, so GX's table stands"
     assert page.locator("i.fa-check-circle.text-success").count() == 3
-    icon = page.locator("i.fa-check-circle").first
-    assert icon.evaluate("e => getComputedStyle(e, '::before').fontFamily").startswith('"Font Awesome'), "icon font"
     for checkpoint in ("raw_metadata", "raw_ages", "raw_images"):
         page.goto(index.as_uri())
         rows.filter(has_text=checkpoint).locator("td").nth(1).click()  # the run time: the row opens its result
