@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 
 from tasks.clinical import ClinicalEncoder
-from tasks.evaluate import Bundle, load_bundle
 from tasks.explain import explain_case, training_background
 from tasks.params import ExplainParams, PreprocessParams, TrainParams
 from tasks.schema import CASES_FILE, DIAGNOSES, LOCALIZATIONS, RISK_LEVELS, SEXES
+from tasks.scored_model import Bundle, load_bundle
 from tasks.synth import IMAGES_PART_1, IMAGES_PART_2, synthesize_ham10000
 
 
