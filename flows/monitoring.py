@@ -46,6 +46,7 @@ def monitor_batch(
     retrain: bool,
     workspace: str | None,
 ) -> str:
+    from flows.retraining import trigger_retraining
     from tasks.monitor import monitor_batch as run_monitor
 
     result = run_monitor(
@@ -56,7 +57,7 @@ def monitor_batch(
         params,
         images_dir=Path(images_dir) if images_dir else None,
         run_id=run_id,
-        retrain=retrain,
+        retrain=trigger_retraining if retrain else None,
         workspace=Path(workspace) if workspace else None,
     )
     print(("ALARM: " if result.alarm else "no alarm: ") + result.reason)

@@ -1,4 +1,5 @@
-"""Scheduled retraining: the training flow, then the promotion flow (see prefect.yaml)."""
+"""Scheduled retraining: the training flow, then the promotion flow (see prefect.yaml), and the
+trigger that starts its deployment when the monitor raises a drift alarm."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from prefect import flow
 from flows.promotion import promotion_flow
 from flows.training import training_pipeline
 from tasks import paths
+from tasks.monitor import RetrainingOutcome
 
 
 @flow(name="skinrisk-retraining", log_prints=True)
@@ -33,3 +35,63 @@ def retraining_flow(
         params_file=params_file, overrides=overrides, processed_dir=processed_dir, raw_dir=raw_dir
     )
     return {"training": trained, "promotion": decision}
+
+
+def trigger_retraining(deployment: str, reason: str) -> RetrainingOutcome:
+    """Start the Prefect deployment ``deployment`` ("flow/deployment", e.g. this module's retraining
+    flow as prefect.yaml deploys it) without waiting for it: what the monitor calls on alarm.
+
+    Never raises for a missing deployment or Prefect API: the outcome says what happened, so a
+    monitoring run still completes and records the alarm.
+    """
+    try:
+        from prefect.deployments import run_deployment
+        from prefect.exceptions import ObjectNotFound
+        from prefect.settings import get_current_settings
+    except ImportError:  # pragma: no cover - prefect is a dependency
+        return RetrainingOutcome(True, False, deployment, "Prefect is not installed: no deployment to trigger")
+    api_url = get_current_settings().api.url
+    if not api_url:
+        return RetrainingOutcome(
+            True,
+            False,
+            deployment,
+            f"no deployment: PREFECT_API_URL is not set, so no Prefect server holds deployment {deployment!r}; "
+            "retraining was not triggered (start the server in infra/, deploy the training flow, or retrain by hand)",
+        )
+    if "/" not in deployment:
+        return RetrainingOutcome(
+            True,
+            False,
+            deployment,
+            f"no deployment: monitor.retrain_deployment={deployment!r} is not of the form 'flow-name/deployment-name'",
+        )
+    try:
+        flow_run = run_deployment(
+            name=deployment,
+            timeout=0,
+            tags=["skinrisk-monitoring", "drift-alarm"],
+            as_subflow=False,
+        )
+    except ObjectNotFound:
+        return RetrainingOutcome(
+            True,
+            False,
+            deployment,
+            f"no deployment named {deployment!r} is deployed on the Prefect API at {api_url}: retraining was not "
+            "triggered (deploy the training flow under that name, or set monitor.retrain_deployment)",
+        )
+    except Exception as exc:  # an unreachable or failing API raises many types
+        return RetrainingOutcome(
+            True,
+            False,
+            deployment,
+            f"no deployment could be triggered: the Prefect API at {api_url} failed ({type(exc).__name__}: {exc})",
+        )
+    return RetrainingOutcome(
+        True,
+        True,
+        deployment,
+        f"triggered deployment {deployment!r}: flow run {flow_run.name} ({flow_run.id}) because {reason}",
+        str(flow_run.id),
+    )

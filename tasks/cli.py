@@ -467,6 +467,7 @@ def cmd_monitor(
     overrides: Overrides = None,
 ) -> None:
     """compare a batch of new cases with the training reference (Evidently)"""
+    from flows.retraining import trigger_retraining
     from tasks.monitor import format_drift_summary, monitor_batch, read_summary
 
     result = monitor_batch(
@@ -477,7 +478,7 @@ def cmd_monitor(
         _params(params_file, overrides).monitor,
         images_dir=images,
         track=not no_tracking,
-        retrain=not no_retrain,
+        retrain=None if no_retrain else trigger_retraining,
         workspace=None if no_workspace else workspace,
     )
     print(format_drift_summary(read_summary(Path(result.summary_path))))

@@ -34,6 +34,7 @@ import tempfile
 import uuid
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -837,65 +838,6 @@ class RetrainingOutcome:
     flow_run_id: str | None = None
 
 
-def trigger_retraining(deployment: str, reason: str) -> RetrainingOutcome:
-    """Start the Prefect deployment ``deployment`` ("flow/deployment") without waiting for it.
-
-    Never raises for a missing deployment or Prefect API: the outcome says what happened, so a
-    monitoring run still completes and records the alarm.
-    """
-    try:
-        from prefect.deployments import run_deployment
-        from prefect.exceptions import ObjectNotFound
-        from prefect.settings import get_current_settings
-    except ImportError:  # pragma: no cover - prefect is a dependency
-        return RetrainingOutcome(True, False, deployment, "Prefect is not installed: no deployment to trigger")
-    api_url = get_current_settings().api.url
-    if not api_url:
-        return RetrainingOutcome(
-            True,
-            False,
-            deployment,
-            f"no deployment: PREFECT_API_URL is not set, so no Prefect server holds deployment {deployment!r}; "
-            "retraining was not triggered (start the server in infra/, deploy the training flow, or retrain by hand)",
-        )
-    if "/" not in deployment:
-        return RetrainingOutcome(
-            True,
-            False,
-            deployment,
-            f"no deployment: monitor.retrain_deployment={deployment!r} is not of the form 'flow-name/deployment-name'",
-        )
-    try:
-        flow_run = run_deployment(
-            name=deployment,
-            timeout=0,
-            tags=["skinrisk-monitoring", "drift-alarm"],
-            as_subflow=False,
-        )
-    except ObjectNotFound:
-        return RetrainingOutcome(
-            True,
-            False,
-            deployment,
-            f"no deployment named {deployment!r} is deployed on the Prefect API at {api_url}: retraining was not "
-            "triggered (deploy the training flow under that name, or set monitor.retrain_deployment)",
-        )
-    except Exception as exc:  # an unreachable or failing API raises many types
-        return RetrainingOutcome(
-            True,
-            False,
-            deployment,
-            f"no deployment could be triggered: the Prefect API at {api_url} failed ({type(exc).__name__}: {exc})",
-        )
-    return RetrainingOutcome(
-        True,
-        True,
-        deployment,
-        f"triggered deployment {deployment!r}: flow run {flow_run.name} ({flow_run.id}) because {reason}",
-        str(flow_run.id),
-    )
-
-
 # --- history: the Evidently workspace --------------------------------------------------------
 
 
@@ -1114,7 +1056,7 @@ def monitor_batch(
     images_dir: Path | None = None,
     run_id: str | None = None,
     track: bool = True,
-    retrain: bool = True,
+    retrain: Callable[[str, str], RetrainingOutcome] | None = None,
     workspace: Path | None = None,
 ) -> MonitorResult:
     """Compare ``batch`` with the reference profile; write the report and summary; log; maybe retrain.
@@ -1122,8 +1064,9 @@ def monitor_batch(
     ``model`` is the model the profile was built with: a ``.keras`` path, an MLflow model URI
     (``models:/skinrisk@champion``) or a loaded :class:`~tasks.scored_model.Bundle`. With ``run_id`` the
     results are logged to that MLflow run (left open); otherwise, when ``track``, a new run is
-    opened in ``skinrisk-monitoring`` and closed. ``retrain=False`` records the alarm without
-    triggering the ``params.retrain_deployment``. With ``workspace`` (a local Evidently workspace
+    opened in ``skinrisk-monitoring`` and closed. On alarm, ``retrain(deployment, reason)`` is called
+    with ``params.retrain_deployment`` (the orchestrators pass
+    :func:`flows.retraining.trigger_retraining`); without it the alarm is recorded, nothing triggered. With ``workspace`` (a local Evidently workspace
     folder) the report is also added there as a snapshot of the project ``skinrisk``, the history
     that ``out_dir``'s files (the latest batch) are not.
     """
@@ -1201,12 +1144,12 @@ def monitor_batch(
         reason = drift.reason()
         if not drift.alarm:
             outcome = RetrainingOutcome(False, False, params.retrain_deployment, "no alarm: retraining not requested")
-        elif not retrain:
+        elif retrain is None:
             outcome = RetrainingOutcome(
                 False, False, params.retrain_deployment, "alarm raised, but retraining was disabled for this run"
             )
         else:
-            outcome = trigger_retraining(params.retrain_deployment, reason)
+            outcome = retrain(params.retrain_deployment, reason)
 
         summary = json_safe(
             {
@@ -1362,5 +1305,4 @@ __all__ = [
     "image_statistics",
     "model_version",
     "monitor_batch",
-    "trigger_retraining",
 ]

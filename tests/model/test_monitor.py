@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
+from flows.retraining import trigger_retraining
 from tasks.errors import DataError, SkinriskError
 from tasks.params import MonitorParams
 from tests.support import PROJECT_ROOT, tiny_train_params
@@ -110,8 +111,6 @@ def test_a_cases_csv_is_checked_with_line_numbers(tmp_path):
 
 
 def test_without_a_prefect_api_retraining_reports_no_deployment():
-    from tasks.monitor import trigger_retraining
-
     outcome = trigger_retraining(DEPLOYMENT, "3 of 20 columns drifted")
     assert outcome.requested and not outcome.triggered
     assert outcome.message.startswith("no deployment") and "PREFECT_API_URL" in outcome.message
@@ -166,7 +165,7 @@ def _monitor(reference_path, bundle, batch: Path, out_dir: Path, **kwargs) -> di
     from tasks.monitor import monitor_batch
 
     kwargs.setdefault("track", False)
-    kwargs.setdefault("retrain", False)
+    kwargs.setdefault("retrain", None)
     result = monitor_batch(reference_path, bundle, batch, out_dir, MonitorParams(), **kwargs)
     summary = json.loads(Path(result.summary_path).read_text())
     assert summary["alarm"] == result.alarm and summary["drifted_columns"] == result.drifted_columns
@@ -181,7 +180,9 @@ def same_run(reference_path, bundle, batches, tmp_path_factory) -> tuple[dict, P
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.chdir(root)  # the local store keeps its artifacts under the working directory
-        summary = _monitor(reference_path, bundle, batches / "same", root / "monitoring", track=True, retrain=True)
+        summary = _monitor(
+            reference_path, bundle, batches / "same", root / "monitoring", track=True, retrain=trigger_retraining
+        )
     return summary, root / "monitoring", uri
 
 
@@ -304,7 +305,9 @@ def shifted_summary(reference_path, bundle, batches, tmp_path_factory):
     def summary_of(shift: str) -> dict:
         if shift not in done:
             batch = _shifted_copy(batches, shift, **SHIFTS[shift][0])
-            done[shift] = _monitor(reference_path, bundle, batch, tmp_path_factory.mktemp(shift), retrain=True)
+            done[shift] = _monitor(
+                reference_path, bundle, batch, tmp_path_factory.mktemp(shift), retrain=trigger_retraining
+            )
         return done[shift]
 
     return summary_of
