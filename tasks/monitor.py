@@ -1065,10 +1065,10 @@ def monitor_batch(
     (``models:/skinrisk@champion``) or a loaded :class:`~tasks.scored_model.Bundle`. With ``run_id`` the
     results are logged to that MLflow run (left open); otherwise, when ``track``, a new run is
     opened in ``skinrisk-monitoring`` and closed. On alarm, ``retrain(deployment, reason)`` is called
-    with ``params.retrain_deployment`` (the orchestrators pass
-    :func:`flows.retraining.trigger_retraining`); without it the alarm is recorded, nothing triggered. With ``workspace`` (a local Evidently workspace
-    folder) the report is also added there as a snapshot of the project ``skinrisk``, the history
-    that ``out_dir``'s files (the latest batch) are not.
+    with ``params.retrain_deployment`` (the orchestrators pass :func:`flows.retraining.trigger_retraining`);
+    without it the alarm is recorded and nothing is triggered. With ``workspace`` (a local Evidently
+    workspace folder) the report is also added there as a snapshot of the project ``skinrisk``, the
+    history that ``out_dir``'s files (the latest batch) are not.
     """
     from tasks.images import decode_images
 
