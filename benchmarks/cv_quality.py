@@ -74,8 +74,8 @@ def write_fold(base: Path, out: Path, cases, folds, fold: int, val_fraction: flo
     import numpy as np
 
     from tasks.clinical import ClinicalEncoder
-    from tasks.preprocess import first_group_fold
     from tasks.schema import DIAGNOSES, RISK_LEVELS
+    from tasks.stages.preprocess import first_group_fold
 
     if (out / "preprocess.json").exists():
         return
@@ -158,11 +158,11 @@ def fold_figures(reports: Path, models: Path, processed: Path) -> dict:
 def run_candidate(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from tasks.evaluate import evaluate
     from tasks.ingest import import_dataset
     from tasks.params import load_params
-    from tasks.preprocess import preprocess
-    from tasks.train import train
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.preprocess import preprocess
+    from tasks.stages.train import train
 
     params = load_params(args.params, args.set)
     raw, base = args.work / "raw", args.work / f"processed-{params.preprocess.image_size}"
@@ -203,10 +203,10 @@ def rescore_candidate(args: argparse.Namespace) -> None:
     wrapped in other test-time views (``--views``) and with or without a temperature fitted on
     the inner validation part (``--no-temperature``), then evaluated as the pipeline does."""
     from tasks.dataset import load_split
-    from tasks.evaluate import evaluate
     from tasks.model import inference_model, load_model, single_view
     from tasks.params import load_params
-    from tasks.train import fit_temperature, view_probabilities
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.train import fit_temperature, view_probabilities
 
     params = load_params(args.params, args.set)
     source, out = args.work / args.rescore, args.work / args.candidate

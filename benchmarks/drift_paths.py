@@ -1,4 +1,4 @@
-"""Why ``tasks.monitor.column_drift`` exists beside ``detect_drift``: seconds per batch of each.
+"""Why ``tasks.stages.monitor.column_drift`` exists beside ``detect_drift``: seconds per batch of each.
 
 ``detect_drift`` builds Evidently's data-drift report (what the monitor stage logs and shows);
 ``column_drift`` runs the same Evidently stattests on the same columns without building a report,
@@ -22,15 +22,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import numpy as np
 import pandas as pd
 
-from tasks.monitor import (
-    IMAGE_COLUMNS,
-    PREDICTION_COLUMNS,
-    SIZE_COLUMNS,
-    column_drift,
-    detect_drift,
-)
+from tasks.drift_profile import IMAGE_COLUMNS, PREDICTION_COLUMNS, SIZE_COLUMNS
 from tasks.params import MonitorParams
 from tasks.schema import LOCALIZATIONS, RISK_LEVELS, SEXES
+from tasks.stages.monitor import column_drift, detect_drift
 
 EMBEDDING = [f"embedding_pc{i}" for i in range(1, 6)]
 GROUPS = {
@@ -42,7 +37,7 @@ GROUPS = {
 
 
 def table(rng: np.random.Generator, n: int, shift: float = 0.0) -> pd.DataFrame:
-    """Cases laid out as ``tasks.monitor.profile_table`` lays them out; ``shift`` moves age and brightness."""
+    """Cases laid out as ``tasks.stages.monitor.profile_table`` lays them out; ``shift`` moves age and brightness."""
     frame = {
         "age": rng.normal(52 + 8 * shift, 16, n).round(-1),
         "sex": rng.choice(list(SEXES), n),

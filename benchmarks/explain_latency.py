@@ -1,6 +1,6 @@
 """Latency of explaining one case (Grad-CAM + clinical SHAP + rendering), the model already loaded.
 
-Times :func:`tasks.explain.explain_case` end to end, image file decoding included, over
+Times :func:`tasks.stages.explain.explain_case` end to end, image file decoding included, over
 ``--cases`` synthetic 600 x 450 dermoscopy-like JPEGs after ``--warmup`` cases (the first three
 calls run eagerly, the fourth traces the TensorFlow functions). The first (cold) case, what a
 one-off ``skinrisk explain`` costs, is reported too. Uses ``--model`` with ``--processed-dir`` (encoder, risk map,
@@ -26,10 +26,10 @@ import numpy as np
 import pandas as pd
 
 from tasks.clinical import ClinicalEncoder
-from tasks.explain import explain_case, training_background
 from tasks.params import ExplainParams, PreprocessParams, TrainParams
 from tasks.schema import CASES_FILE, DIAGNOSES, LOCALIZATIONS, RISK_LEVELS, SEXES
 from tasks.scored_model import Bundle, load_bundle
+from tasks.stages.explain import explain_case, training_background
 from tasks.synth import IMAGES_PART_1, IMAGES_PART_2, synthesize_ham10000
 
 

@@ -2,7 +2,7 @@
 
 A synthetic HAM10000 sample (``tasks.synth``, whose ``synthetic_truth.csv`` gives each lesion's
 ellipse) is imported, preprocessed at ``--size`` and a model is trained on it with the project's
-own :func:`tasks.train.train` (ImageNet backbone, a few epochs). On every test image, for each
+own :func:`tasks.stages.train.train` (ImageNet backbone, a few epochs). On every test image, for each
 candidate layer, Grad-CAM of the predicted risk level (as the explain stage draws it) is
 upsampled to the image and scored against the lesion's ellipse (mapped through the preprocess
 resize, which stretches the whole frame to a square):
@@ -34,8 +34,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import numpy as np
 import pandas as pd
 
-from tasks.explain import bundle_assignment, risk_level_gradcam, upsample_heatmap
 from tasks.images import normalize_for_mobilenet
+from tasks.stages.explain import bundle_assignment, risk_level_gradcam, upsample_heatmap
 
 CANDIDATES = ("out_relu", "block_16_expand_relu", "block_13_expand_relu", "block_10_expand_relu", "block_6_expand_relu")
 
@@ -64,9 +64,9 @@ def prepare(work: Path, n_images: int, width: int, height: int, size: int, seed:
     """Synthesize, import, preprocess and train under ``work`` (each step skipped when done)."""
     from tasks.ingest import import_dataset
     from tasks.params import PreprocessParams, TrainParams
-    from tasks.preprocess import preprocess
+    from tasks.stages.preprocess import preprocess
+    from tasks.stages.train import train
     from tasks.synth import synthesize_ham10000
-    from tasks.train import train
 
     if not (work / "source").exists():
         synthesize_ham10000(work / "source", n_images=n_images, seed=seed, width=width, height=height, workers=1)

@@ -9,7 +9,7 @@
    monitored over time, another population and imaging routine), then head-and-neck sites against
    the rest; with a same-population control each time.
 
-Per-column verdicts come from :func:`tasks.monitor.column_drift`: the same Evidently stattests and
+Per-column verdicts come from :func:`tasks.stages.monitor.column_drift`: the same Evidently stattests and
 thresholds as the monitor's report (``tests/model/test_monitor.py`` checks they agree), without
 rendering a report per batch. Batches are tested one image per lesion, as the monitor does.
 
@@ -38,9 +38,11 @@ from PIL import Image, ImageEnhance, ImageFilter
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from tasks import monitor as mon
+from tasks import drift_profile as dp
 from tasks.params import MonitorParams, PreprocessParams
 from tasks.schema import RISK_LEVELS, raw_image_path
+from tasks.stages import monitor as mon
+from tasks.stages import reference as reference_stage
 
 PROJECT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = PROJECT.parent / "shared" / "data" / "ham10000-200px"
@@ -55,7 +57,7 @@ class Pool:
     frame: pd.DataFrame  # cases.csv rows (image_id, lesion_id, dx_type, age, sex, localization, split)
     stats: pd.DataFrame
     sizes: pd.DataFrame
-    outputs: mon.ModelOutputs
+    outputs: dp.ModelOutputs
 
 
 def _model(args, size: int, n_clinical: int, scratch: Path) -> Path:
@@ -85,14 +87,14 @@ def _model(args, size: int, n_clinical: int, scratch: Path) -> Path:
     return path
 
 
-def _outputs_with_clinical(bundle, embeddings: np.ndarray, clinical: np.ndarray) -> mon.ModelOutputs:
+def _outputs_with_clinical(bundle, embeddings: np.ndarray, clinical: np.ndarray) -> dp.ModelOutputs:
     """Predictions for new clinical features on cached image embeddings (the fusion head only)."""
     from tasks.metrics import risk_probabilities
     from tasks.model import head_of
 
     probs = head_of(bundle.model).predict([embeddings, clinical], batch_size=256, verbose=0)
     risk = risk_probabilities(probs, bundle.target, bundle.summary.diagnoses, bundle.summary.risk_map)
-    return mon.ModelOutputs(embeddings, np.asarray(risk, dtype=np.float64))
+    return dp.ModelOutputs(embeddings, np.asarray(risk, dtype=np.float64))
 
 
 def _load_shifted(raw_dir: Path, image_ids, size: int, change: Callable[[Image.Image], Image.Image]) -> np.ndarray:
@@ -105,11 +107,11 @@ def _load_shifted(raw_dir: Path, image_ids, size: int, change: Callable[[Image.I
     return out
 
 
-def _table(pool: Pool, rows: np.ndarray, pca: mon.EmbeddingPCA, frame=None, outputs=None, stats=None):
+def _table(pool: Pool, rows: np.ndarray, pca: dp.EmbeddingPCA, frame=None, outputs=None, stats=None):
     frame = pool.frame.iloc[rows].reset_index(drop=True) if frame is None else frame
-    outputs = outputs or mon.ModelOutputs(pool.outputs.embeddings[rows], pool.outputs.risk_probs[rows])
+    outputs = outputs or dp.ModelOutputs(pool.outputs.embeddings[rows], pool.outputs.risk_probs[rows])
     stats = pool.stats.iloc[rows] if stats is None else stats
-    return mon.profile_table(frame, stats, outputs, pca, pool.sizes.iloc[rows])
+    return dp.profile_table(frame, stats, outputs, pca, pool.sizes.iloc[rows])
 
 
 def _older(frame: pd.DataFrame, years: float, rng) -> pd.DataFrame:
@@ -168,7 +170,7 @@ def _batches(
                 break
             drawn += by_lesion[lesion]
         drawn_rows = np.sort(np.array(drawn))
-        batches.append(drawn_rows[mon.one_per_lesion(lesions[drawn_rows], params.seed)])
+        batches.append(drawn_rows[dp.one_per_lesion(lesions[drawn_rows], params.seed)])
     return batches
 
 
@@ -189,14 +191,14 @@ def _real_shift(pool: Pool, bundle, params: MonitorParams, name: str, reference_
 
     def pick(mask, limit):
         rows = np.flatnonzero(mask)
-        rows = rows[mon.one_per_lesion(lesions[rows], seed)]
+        rows = rows[dp.one_per_lesion(lesions[rows], seed)]
         return np.sort(rng.choice(rows, size=min(limit, len(rows)), replace=False))
 
     ref_rows = pick(reference_mask, params.reference_size)
     cur_rows = pick(batch_mask & ~np.isin(lesions, lesions[ref_rows]), 500)
-    pca = mon.EmbeddingPCA.fit(pool.outputs.embeddings[ref_rows], params.embedding_components, params.seed)
+    pca = dp.EmbeddingPCA.fit(pool.outputs.embeddings[ref_rows], params.embedding_components, params.seed)
     reference, current = _table(pool, ref_rows, pca), _table(pool, cur_rows, pca)
-    groups = mon.column_groups(reference, pca)
+    groups = dp.column_groups(reference, pca)
     return _verdict_line(name, mon.column_drift(reference, current, groups, params), len(ref_rows), len(cur_rows))
 
 
@@ -218,8 +220,8 @@ def main() -> None:
 
     from tasks.images import decode_images
     from tasks.ingest import import_dataset
-    from tasks.preprocess import preprocess
     from tasks.schema import CASES_FILE
+    from tasks.stages.preprocess import preprocess
 
     with tempfile.TemporaryDirectory(prefix="bench-monitor-") as scratch_name:
         scratch = Path(scratch_name)
@@ -244,10 +246,10 @@ def main() -> None:
         encoder = ClinicalEncoder.load(processed / "encoder.json")
         model_path = _model(args, size, encoder.n_features, scratch)
 
-        reference_path = mon.build_reference_profile(
-            model_path, processed, scratch / mon.REFERENCE_FILE, params, raw_dir=raw_dir
+        reference_path = reference_stage.build_reference_profile(
+            model_path, processed, scratch / dp.REFERENCE_FILE, params, raw_dir=raw_dir
         )
-        profile = mon.ReferenceProfile.load(reference_path)
+        profile = dp.ReferenceProfile.load(reference_path)
         from tasks.model import load_model
 
         bundle = profile.bundle(load_model(model_path))
@@ -257,9 +259,9 @@ def main() -> None:
         images = decode_images(paths, size)
         pool = Pool(
             frame=frame,
-            stats=mon.image_statistics(images),
-            sizes=mon.original_sizes(paths),
-            outputs=mon.model_outputs(bundle, images, encoder.transform(frame)),
+            stats=dp.image_statistics(images),
+            sizes=dp.original_sizes(paths),
+            outputs=dp.model_outputs(bundle, images, encoder.transform(frame)),
         )
         print(
             f"data: {data_name} ({len(frame)} images with an age, {frame['lesion_id'].nunique()} lesions), "
@@ -304,9 +306,9 @@ def main() -> None:
                         ids = pool.frame["image_id"].to_numpy()[rows]
                         shifted_images = _load_shifted(raw_dir, ids, size, change(level))
                         frame_rows = pool.frame.iloc[rows].reset_index(drop=True)
-                        outputs = mon.model_outputs(bundle, shifted_images, encoder.transform(frame_rows))
+                        outputs = dp.model_outputs(bundle, shifted_images, encoder.transform(frame_rows))
                         table = _table(
-                            pool, rows, profile.pca, outputs=outputs, stats=mon.image_statistics(shifted_images)
+                            pool, rows, profile.pca, outputs=outputs, stats=dp.image_statistics(shifted_images)
                         )
                     result = mon.column_drift(profile.table, table, profile.groups, params)
                     detections += result.columns[column].drifted

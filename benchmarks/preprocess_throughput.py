@@ -67,8 +67,8 @@ def main() -> None:
     # this script, and should pay for what the `skinrisk` command's workers pay, no more.
     from tasks.ingest import import_dataset
     from tasks.params import PreprocessParams
-    from tasks.preprocess import format_counts, preprocess
     from tasks.schema import RAW_IMAGES_DIR
+    from tasks.stages.preprocess import format_counts, preprocess
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)

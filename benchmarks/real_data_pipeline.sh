@@ -17,7 +17,7 @@ end=$(date +%s)
 echo "dvc repro wall time: $((end - start)) s (workspace $work/skinrisk)"
 python - <<'PY'
 import json
-from tasks.evaluate import format_headline
+from tasks.stages.evaluate import format_headline
 metrics = json.load(open("reports/metrics.json"))
 print(format_headline(metrics))
 print("training:", {k: v for k, v in json.load(open("models/train.json")).items() if k not in ("class_names",)})

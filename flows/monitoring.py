@@ -4,7 +4,7 @@ Compares a batch (a HAM10000 folder or zip, or a cases CSV beside its images) wi
 profile built at training time, writes ``drift_report.html``/``.json`` and ``drift_summary.json``,
 adds the report to the Evidently workspace (``evidently ui --workspace reports/evidently``), logs a
 run to the MLflow experiment ``skinrisk-monitoring`` and, on alarm, triggers the
-``monitor.retrain_deployment`` Prefect deployment. The stage logic lives in ``tasks.monitor``; the
+``monitor.retrain_deployment`` Prefect deployment. The stage logic lives in ``tasks.stages.monitor``; the
 tasks below take paths, run ids and the monitor section of params.yaml (parsed once per flow run),
 like ``tasks.prefect_tasks``.
 """
@@ -21,7 +21,7 @@ from tasks import paths
 from tasks.params import MonitorParams, load_params
 
 # The Prefect workspace's model and reference (the retraining deployment's), its reports beside them.
-DEFAULT_REFERENCE = str(paths.PREFECT_MODELS_DIR / "reference_profile.parquet")  # tasks.monitor.REFERENCE_FILE
+DEFAULT_REFERENCE = str(paths.PREFECT_MODELS_DIR / "reference_profile.parquet")  # tasks.stages.monitor.REFERENCE_FILE
 DEFAULT_MODEL = str(paths.PREFECT_MODELS_DIR / "model.keras")
 DEFAULT_OUT_DIR = str(paths.PREFECT_REPORTS_DIR / "monitoring")
 DEFAULT_WORKSPACE = str(paths.REPORTS_DIR / "evidently")  # every run's snapshot: the drift history
@@ -29,7 +29,7 @@ DEFAULT_WORKSPACE = str(paths.REPORTS_DIR / "evidently")  # every run's snapshot
 
 @task(name="start-monitoring-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def start_monitoring_run(batch: str, reference: str, params: MonitorParams) -> str:
-    from tasks.monitor import start_monitoring_run as start
+    from tasks.stages.monitor import start_monitoring_run as start
 
     return start(batch, reference, params)
 
@@ -47,7 +47,7 @@ def monitor_batch(
     workspace: str | None,
 ) -> str:
     from flows.retraining import trigger_retraining
-    from tasks.monitor import monitor_batch as run_monitor
+    from tasks.stages.monitor import monitor_batch as run_monitor
 
     result = run_monitor(
         Path(reference),
@@ -69,7 +69,7 @@ def monitor_batch(
 
 @task(name="publish-drift-summary", cache_policy=NO_CACHE)
 def publish_drift_summary(summary_path: str) -> dict:
-    from tasks.monitor import format_drift_summary, read_summary, summary_rows
+    from tasks.stages.monitor import format_drift_summary, read_summary, summary_rows
 
     summary = read_summary(Path(summary_path))
     create_markdown_artifact(

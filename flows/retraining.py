@@ -8,7 +8,7 @@ from prefect import flow
 from flows.promotion import promotion_flow
 from flows.training import training_pipeline
 from tasks import paths
-from tasks.monitor import RetrainingOutcome
+from tasks.stages.monitor import RetrainingOutcome
 
 
 @flow(name="skinrisk-retraining", log_prints=True)

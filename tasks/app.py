@@ -2,7 +2,7 @@
 
 Two pages, server-rendered (FastAPI + Jinja2, plain HTML forms, no JavaScript, nothing loaded
 from the network): ``/`` scores and explains one case (image, age, sex, site) with
-:func:`tasks.explain.explain_case`, and ``/queue`` shows a triage queue, the CSV that
+:func:`tasks.stages.explain.explain_case`, and ``/queue`` shows a triage queue, the CSV that
 :func:`tasks.triage.triage` writes, as a worklist ranked by P(high). The page only calls the
 stages' own functions: scoring, calibration, the called level and the referral rule are theirs.
 
@@ -258,15 +258,15 @@ def create_app(
 ):
     """The triage page's FastAPI app for a :class:`tasks.scored_model.Bundle`.
 
-    ``params`` and ``background`` go to :func:`tasks.explain.explain_case` (SHAP's background:
-    e.g. :func:`tasks.explain.training_background`; its neutral one when None). ``queue`` is a
+    ``params`` and ``background`` go to :func:`tasks.stages.explain.explain_case` (SHAP's background:
+    e.g. :func:`tasks.stages.explain.training_background`; its neutral one when None). ``queue`` is a
     triage queue CSV shown at ``/queue`` (read again on each visit), its images relative to
     ``images_dir``. ``model_name`` labels the pages (e.g. the model URI).
     """
     from fastapi.templating import Jinja2Templates
     from starlette.concurrency import run_in_threadpool
 
-    from tasks.explain import explain_case, validate_case
+    from tasks.stages.explain import explain_case, validate_case
 
     params = params or ExplainParams()
     templates = Jinja2Templates(directory=str(TEMPLATES_DIR))

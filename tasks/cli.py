@@ -254,7 +254,7 @@ def cmd_validate(
     overrides: Overrides = None,
 ) -> None:
     """check the imported metadata and images (Great Expectations)"""
-    from tasks.validate import validate_raw
+    from tasks.stages.validate import validate_raw
 
     summary = validate_raw(raw_dir, reports_dir, _params(params_file, overrides).validate_)
     print(
@@ -274,8 +274,8 @@ def cmd_preprocess(
     overrides: Overrides = None,
 ) -> None:
     """risk labels, lesion-grouped splits, clinical encoding, decoded images"""
-    from tasks.preprocess import format_counts, preprocess
-    from tasks.validate import REPORT_JSON, require_validated
+    from tasks.stages.preprocess import format_counts, preprocess
+    from tasks.stages.validate import REPORT_JSON, require_validated
 
     require_validated(raw_dir, reports_dir / REPORT_JSON)
 
@@ -298,7 +298,7 @@ def cmd_train(
     overrides: Overrides = None,
 ) -> None:
     """train the multimodal model (checkpointed, resumable), tracked in MLflow"""
-    from tasks.train import train
+    from tasks.stages.train import train
 
     params = _params(params_file, overrides)
     run_id = None
@@ -334,8 +334,8 @@ def cmd_evaluate(
     overrides: Overrides = None,
 ) -> None:
     """score the test split (default) or any labelled HAM10000-layout dataset (--data) with the same figures"""
-    from tasks.evaluate import evaluate, evaluate_external, format_headline
     from tasks.scored_model import load_bundle
+    from tasks.stages.evaluate import evaluate, evaluate_external, format_headline
 
     params = _params(params_file, overrides).evaluate
     if data:
@@ -368,12 +368,13 @@ def cmd_register(
     overrides: Overrides = None,
 ) -> None:
     """log the model to its MLflow run and register it as @challenger"""
-    from tasks.runs import register_pipeline_model, run_id_of
+    from tasks.runs import run_id_of
+    from tasks.stages.register import register
     from tasks.tracking import working_on
 
     run_id = run_id_of(model_dir)
     with working_on(run_id):
-        registration = register_pipeline_model(model, processed_dir, model_dir, reports_dir, run_id)
+        registration = register(model, processed_dir, model_dir, reports_dir, run_id)
     print(
         f"registered {registration.name} version {registration.version} as @{registration.alias} ({registration.model_uri})"
     )
@@ -395,8 +396,8 @@ def cmd_explain(
     """Grad-CAM and SHAP: one case (--image ...) or, without --image, chosen test cases into reports/explain"""
     params = _params(params_file, overrides).explain
     if image is None:
-        from tasks.explain import explain_test_cases
         from tasks.runs import run_id_of
+        from tasks.stages.explain import explain_test_cases
 
         try:
             run_id = run_id_of(model_dir)
@@ -408,8 +409,8 @@ def cmd_explain(
             explain_test_cases(Path(model), processed_dir, out, params, run_id=run_id)
         print(f"explained test cases (Grad-CAM overlays, SHAP summary) in {out}")
         return
-    from tasks.explain import explain_case, training_background
     from tasks.scored_model import load_bundle
+    from tasks.stages.explain import explain_case, training_background
 
     if sex is None or site is None:
         raise SkinriskError("a single case needs --sex and --site (and --age unless it is unknown)")
@@ -433,8 +434,8 @@ def cmd_monitor_reference(
     overrides: Overrides = None,
 ) -> None:
     """build the training reference profile for drift monitoring (the dvc.yaml stage of that name)"""
-    from tasks.monitor import build_reference_profile
     from tasks.runs import run_id_of
+    from tasks.stages.reference import build_reference_profile
     from tasks.tracking import working_on
 
     try:
@@ -468,7 +469,7 @@ def cmd_monitor(
 ) -> None:
     """compare a batch of new cases with the training reference (Evidently)"""
     from flows.retraining import trigger_retraining
-    from tasks.monitor import format_drift_summary, monitor_batch, read_summary
+    from tasks.stages.monitor import format_drift_summary, monitor_batch, read_summary
 
     result = monitor_batch(
         reference,
@@ -493,7 +494,7 @@ def cmd_monitor(
 @_command(registry_app, "show")
 def cmd_registry_show(params_file: ParamsFile = paths.PARAMS_FILE, overrides: Overrides = None) -> None:
     """list the versions of the skinrisk model with aliases and figures"""
-    from tasks.promote import registry_table
+    from tasks.stages.promote import registry_table
 
     table = registry_table()
     print(table.to_string(index=False) if len(table) else "no versions registered")
@@ -518,7 +519,7 @@ def cmd_registry_promote(
 ) -> None:
     """gate @challenger against @champion on the same test cases; move @champion if every gate passes"""
     from tasks.atomic import write_json
-    from tasks.promote import decision_record, promote
+    from tasks.stages.promote import decision_record, promote
 
     params = _params(params_file, overrides)
     decision = promote(
@@ -535,7 +536,7 @@ def cmd_registry_promote(
 @_command(registry_app, "rollback")
 def cmd_registry_rollback(params_file: ParamsFile = paths.PARAMS_FILE, overrides: Overrides = None) -> None:
     """point @champion back at @previous"""
-    from tasks.promote import rollback
+    from tasks.stages.promote import rollback
 
     demoted, restored = rollback()
     print(f"@champion rolled back from version {demoted} to version {restored}")
@@ -562,7 +563,7 @@ def cmd_model_card(
 ) -> None:
     """print the model card of a registered version (or render one for a local .keras model)"""
     if model.startswith("models:/"):
-        from tasks.register import registered_card
+        from tasks.stages.register import registered_card
 
         card = registered_card(model)
     elif model.endswith(".keras"):
@@ -643,8 +644,8 @@ def cmd_serve(
     """the scoring server (MLflow's) for a registered model; bad requests answered without quoting them back"""
     import uvicorn
 
-    from tasks.register import load_registered
     from tasks.serving import scoring_app
+    from tasks.stages.register import load_registered
 
     scorer = scoring_app(load_registered(model))
     print(f"scoring {model} on http://{host}:{port}/invocations (Ctrl-C stops)")
@@ -667,8 +668,8 @@ def cmd_app(
 ) -> None:
     """the triage page for clinicians: score and explain one case, open a triage queue (web, loopback)"""
     from tasks.app import serve
-    from tasks.explain import training_background
     from tasks.scored_model import load_bundle
+    from tasks.stages.explain import training_background
 
     params = _params(params_file, overrides).explain
     bundle = load_bundle(model, processed_dir, model_dir)
@@ -691,7 +692,7 @@ def cmd_app(
 def cmd_pipeline(params_file: ParamsFile = paths.PARAMS_FILE, overrides: Overrides = None) -> None:
     """the main job: the Prefect training flow on the imported data, or on the synthetic sample when none is imported"""
     from flows.retraining import retraining_flow
-    from tasks.evaluate import format_headline
+    from tasks.stages.evaluate import format_headline
     from tasks.tracking import tracking_uri
 
     # The training flow, then the promotion gate: the default path ends with an @champion when the

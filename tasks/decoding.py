@@ -144,7 +144,7 @@ def decode_shard_into(shard: tuple[int, list[str]], size: int, out: str, offset:
     return len(paths)
 
 
-_shard_counter = None  # in a worker process started by tasks.preprocess.ImageDecoding: the shared counter
+_shard_counter = None  # in a worker process started by tasks.stages.preprocess.ImageDecoding: the shared counter
 
 
 def share_shard_counter(counter) -> None:

@@ -602,7 +602,7 @@ def render_model_card(
 ) -> str:
     """The model card as Markdown.
 
-    ``metrics``: ``reports/metrics.json`` (:func:`tasks.evaluate.evaluate`); ``preprocess``: the
+    ``metrics``: ``reports/metrics.json`` (:func:`tasks.stages.evaluate.evaluate`); ``preprocess``: the
     processed data's ``preprocess.json``; ``train_params``: the train section (keys without
     ``train.``, values as given: typed, or the strings MLflow stores); ``train_summary``: the train
     stage's ``train.json`` (temperature, test-time views, best epoch); ``registry``: where the model

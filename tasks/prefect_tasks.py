@@ -77,7 +77,7 @@ def ensure_data(raw_dir: str, synthetic_dir: str, params: DataParams) -> str:
 
 @task(name="validate", task_run_name="validate {raw_dir}", cache_policy=NO_CACHE)
 def validate(raw_dir: str, reports_dir: str, params: ValidateParams) -> str:
-    from tasks.validate import validate_raw
+    from tasks.stages.validate import validate_raw
 
     summary = validate_raw(Path(raw_dir), Path(reports_dir), params)
     return str(summary.report_json)
@@ -85,9 +85,9 @@ def validate(raw_dir: str, reports_dir: str, params: ValidateParams) -> str:
 
 @task(name="preprocess", task_run_name="preprocess {raw_dir}", cache_policy=NO_CACHE)
 def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params: PreprocessParams) -> str:
-    from tasks.preprocess import format_counts
-    from tasks.preprocess import preprocess as run_preprocess
-    from tasks.validate import REPORT_JSON, require_validated
+    from tasks.stages.preprocess import format_counts
+    from tasks.stages.preprocess import preprocess as run_preprocess
+    from tasks.stages.validate import REPORT_JSON, require_validated
 
     require_validated(Path(raw_dir), Path(reports_dir) / REPORT_JSON)
 
@@ -130,7 +130,7 @@ def train(
     params: TrainParams,
     run_id: str,
 ) -> str:
-    from tasks.train import train as run_train
+    from tasks.stages.train import train as run_train
 
     result = run_train(
         Path(processed_dir),
@@ -151,8 +151,8 @@ def evaluate(
     params: EvaluateParams,
     run_id: str,
 ) -> dict:
-    from tasks.evaluate import evaluate as run_evaluate
     from tasks.metrics import headline_figures
+    from tasks.stages.evaluate import evaluate as run_evaluate
 
     metrics = run_evaluate(
         Path(model_path),
@@ -171,7 +171,7 @@ def evaluate(
 
 @task(name="explain", task_run_name="explain run {run_id:.8}", cache_policy=NO_CACHE)
 def explain(model_path: str, processed_dir: str, reports_dir: str, params: ExplainParams, run_id: str) -> str:
-    from tasks.explain import explain_test_cases
+    from tasks.stages.explain import explain_test_cases
 
     out = Path(reports_dir) / "explain"
     explain_test_cases(Path(model_path), Path(processed_dir), out, params, run_id=run_id)
@@ -187,7 +187,8 @@ def reference_profile(
     params: MonitorParams,
     run_id: str,
 ) -> str:
-    from tasks.monitor import REFERENCE_FILE, build_reference_profile
+    from tasks.drift_profile import REFERENCE_FILE
+    from tasks.stages.reference import build_reference_profile
 
     out = build_reference_profile(
         Path(model_path),
@@ -208,11 +209,9 @@ def reference_profile(
     retry_delay_seconds=5,
 )
 def register(model_path: str, processed_dir: str, model_dir: str, reports_dir: str, run_id: str) -> str:
-    from tasks.runs import register_pipeline_model
+    from tasks.stages.register import register as run_register
 
-    registration = register_pipeline_model(
-        Path(model_path), Path(processed_dir), Path(model_dir), Path(reports_dir), run_id
-    )
+    registration = run_register(Path(model_path), Path(processed_dir), Path(model_dir), Path(reports_dir), run_id)
     create_markdown_artifact(
         key="skinrisk-registration",
         markdown=f"Registered **{registration.name}** version {registration.version} as "
@@ -237,8 +236,8 @@ def finish_tracking(run_id: str, status: str) -> None:
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
 def promote(processed_dir: str, raw_dir: str, params: Params) -> dict:
-    from tasks.promote import decision_record
-    from tasks.promote import promote as run_promote
+    from tasks.stages.promote import decision_record
+    from tasks.stages.promote import promote as run_promote
 
     decision = run_promote(
         Path(processed_dir), Path(raw_dir), params.promote, calibration_bins=params.evaluate.calibration_bins

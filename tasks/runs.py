@@ -16,7 +16,7 @@ from tasks.errors import SkinriskError
 from tasks.params import Params
 from tasks.tracking import DATA_VERSION_TAG, short_data_version
 
-VALIDATION_REPORT = "validation.json"  # the validate stage's report in reports_dir (tasks.validate.REPORT_JSON)
+VALIDATION_REPORT = "validation.json"  # the validate stage's report in reports_dir (tasks.stages.validate.REPORT_JSON)
 VALIDATION_TAG = "data_validation"
 DATA_DOCS_ARTIFACTS = "data_docs"  # the run's artifact folder holding the Data Docs site
 
@@ -103,34 +103,3 @@ def run_id_of(model_dir: Path) -> str:
     if not run_id:
         raise SkinriskError(f"{path} names no MLflow run (the model was trained with --no-tracking)")
     return run_id
-
-
-def register_pipeline_model(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir: Path, run_id: str):
-    """Log the pyfunc to the run, register it as ``challenger`` (its model card from the evaluate
-    and train stages' outputs) and close the run. Both orchestrators register through here."""
-    from tasks.metrics import headline_figures
-    from tasks.paths import METRICS_FILE, TRAIN_INFO_FILE
-    from tasks.register import register_model
-    from tasks.scored_model import OPERATING_POINT_FILE
-    from tasks.tracking import end_run
-
-    metrics_path = Path(reports_dir) / METRICS_FILE
-    if not metrics_path.exists():
-        raise SkinriskError(f"{metrics_path} not found: run `skinrisk evaluate` first")
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    train_info = Path(model_dir) / TRAIN_INFO_FILE
-    training = json.loads(train_info.read_text(encoding="utf-8")) if train_info.exists() else None
-    registration = register_model(
-        Path(model_path),
-        Path(processed_dir),
-        Path(model_dir) / OPERATING_POINT_FILE,
-        run_id,
-        alias="challenger",
-        # the triage figures first (high-risk AUC, the operating point), tagged on the version
-        metrics={k: v for k, v in headline_figures(metrics).items() if isinstance(v, int | float)},
-        evaluation=metrics,
-        training=training,
-        out_file=Path(model_dir) / "registered.json",
-    )
-    end_run(run_id)
-    return registration

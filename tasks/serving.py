@@ -46,7 +46,7 @@ TARGETS: tuple[str, ...] = ("risk", "dx")
 MAX_REPORTED_PROBLEMS = 10
 PREDICT_BATCH_SIZE = 64
 
-# Artifact keys of the logged pyfunc (``tasks.register`` logs them under these names).
+# Artifact keys of the logged pyfunc (``tasks.stages.register`` logs them under these names).
 MODEL_ARTIFACT = "model"
 ENCODER_ARTIFACT = "encoder"
 PREPROCESS_ARTIFACT = "preprocess"

@@ -43,7 +43,7 @@ def raw_dir(synthetic_source, tmp_path_factory) -> Path:
 def processed_dir(raw_dir, tmp_path_factory) -> Path:
     """The raw sample preprocessed at 32 x 32 pixels."""
     from tasks.params import PreprocessParams
-    from tasks.preprocess import preprocess
+    from tasks.stages.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("processed") / "processed"
     preprocess(raw_dir, out, PreprocessParams(image_size=32, workers=1))
@@ -73,7 +73,7 @@ def learnable(tmp_path_factory) -> Path:
     processed/."""
     from tasks.ingest import import_dataset
     from tasks.params import PreprocessParams
-    from tasks.preprocess import preprocess
+    from tasks.stages.preprocess import preprocess
     from tasks.synth import synthesize_ham10000
 
     root = tmp_path_factory.mktemp("learnable")
@@ -86,9 +86,9 @@ def learnable(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(learnable, tmp_path_factory):
     """A tiny model trained and evaluated on ``learnable``: (output folder, TrainResult, metrics)."""
-    from tasks.evaluate import evaluate
     from tasks.params import EvaluateParams
-    from tasks.train import train
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.train import train
     from tests.support import tiny_train_params
 
     out = tmp_path_factory.mktemp("trained")

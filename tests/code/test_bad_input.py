@@ -118,7 +118,7 @@ def test_the_scoring_servers_quote_of_the_request_is_dropped():
 
 def test_preprocess_to_an_unwritable_folder_is_one_error_line(raw_dir, blocked, tmp_path, monkeypatch, capsys):
     from tasks.params import ValidateParams
-    from tasks.validate import validate_raw
+    from tasks.stages.validate import validate_raw
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("preprocess: {image_size: 32, workers: 1}\n")

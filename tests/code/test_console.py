@@ -53,14 +53,14 @@ def test_an_error_is_one_line_on_the_console_and_its_traceback_goes_to_the_log(t
 
 
 def test_an_unexpected_exception_is_one_line_naming_the_log(tmp_path, monkeypatch, capsys):
-    import tasks.validate
+    import tasks.stages.validate
 
     def broken(*args):
         raise RuntimeError("a bug")
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("{}\n")
-    monkeypatch.setattr(tasks.validate, "validate_raw", broken)
+    monkeypatch.setattr(tasks.stages.validate, "validate_raw", broken)
     assert main(["validate"]) == 1
     err = capsys.readouterr().err
     log_file = Path("logs") / "skinrisk.log"

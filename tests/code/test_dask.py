@@ -12,8 +12,8 @@ from tasks.dataset import IMAGES_FILE
 from tasks.errors import SkinriskError
 from tasks.images import decode_images
 from tasks.params import PreprocessParams
-from tasks.preprocess import preprocess
 from tasks.schema import CASES_FILE, ENCODER_FILE, SPLITS, raw_image_path
+from tasks.stages.preprocess import preprocess
 from tests.support import free_port
 
 pytestmark = pytest.mark.slow  # starts Dask clusters (worker processes)

@@ -21,6 +21,7 @@ from tasks.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "flows")
+STAGES_PACKAGE = "tasks/stages"  # one module per stage; its __init__ is a docstring
 
 
 def _imported_modules(tree: ast.AST) -> set[str]:
@@ -57,7 +58,9 @@ def modules_run_by(handler) -> set[Path]:
             continue
         seen.add(module)
         pending |= _imported_modules(ast.parse(_module_file(module).read_text(encoding="utf-8")))
-    return {_module_file(m).relative_to(ROOT) for m in seen} - {Path(p, "__init__.py") for p in PACKAGES}
+    return {_module_file(m).relative_to(ROOT) for m in seen} - {
+        Path(p, "__init__.py") for p in (*PACKAGES, STAGES_PACKAGE)
+    }
 
 
 def handler_of(argv: list[str]):
@@ -82,8 +85,13 @@ def test_every_module_a_stage_runs_is_a_dependency(stage: str) -> None:
     command = shlex.split(spec["cmd"])
     assert command[0] == "skinrisk", f"stage {stage} does not run the skinrisk CLI"
     handler = handler_of(command[1:])
-    missing = sorted(str(m) for m in modules_run_by(handler) if not _covered(m, spec["deps"]))
+    run = modules_run_by(handler)
+    missing = sorted(str(m) for m in run if not _covered(m, spec["deps"]))
     assert not missing, f"dvc.yaml stage {stage!r} runs these modules without listing them in deps: {missing}"
+    # and no module it does not run: editing one would rerun the stage for nothing
+    listed = {Path(d) for d in spec["deps"] if d.startswith(tuple(f"{p}/" for p in PACKAGES)) and d.endswith(".py")}
+    extra = sorted(str(m) for m in listed - run)
+    assert not extra, f"dvc.yaml stage {stage!r} lists modules its command does not run: {extra}"
 
 
 def test_the_derivation_finds_lazy_imports() -> None:
@@ -91,10 +99,10 @@ def test_the_derivation_finds_lazy_imports() -> None:
     from tasks.cli import cmd_train
 
     modules = modules_run_by(cmd_train)
-    assert Path("tasks/train.py") in modules  # imported inside cmd_train
-    assert Path("tasks/model.py") in modules  # imported inside a function of tasks/train.py
+    assert Path("tasks/stages/train.py") in modules  # imported inside cmd_train
+    assert Path("tasks/model.py") in modules  # imported inside a function of tasks/stages/train.py
     assert Path("tasks/cli.py") in modules
-    assert not _covered(Path("tasks/model.py"), ["tasks/train.py", "data/processed"])
+    assert not _covered(Path("tasks/model.py"), ["tasks/stages/train.py", "data/processed"])
 
 
 def _outs(stage: str) -> set[str]:
@@ -110,7 +118,7 @@ def test_the_stages_that_log_to_the_run_come_before_register_closes_it() -> None
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_a_stage_has_one_name_in_dvc_the_cli_and_prefect(stage: str) -> None:
+def test_a_stage_has_one_name_in_dvc_the_cli_prefect_and_its_module(stage: str) -> None:
     from prefect import Task
 
     from tasks import prefect_tasks
@@ -119,3 +127,16 @@ def test_a_stage_has_one_name_in_dvc_the_cli_and_prefect(stage: str) -> None:
     assert command[0] == "skinrisk" and stage in command[1:3], f"dvc stage {stage!r} runs {command}"
     names = {task.name for task in vars(prefect_tasks).values() if isinstance(task, Task)}
     assert stage in names, f"no Prefect task named {stage!r} (tasks: {sorted(names)})"
+    module = Path(STAGES_PACKAGE, f"{stage}.py")
+    assert (ROOT / module).is_file(), f"no stage module {module}"
+    assert str(module) in STAGES[stage]["deps"], f"stage {stage!r} does not run its own module {module}"
+
+
+def test_stage_modules_import_the_domain_layer_never_each_other() -> None:
+    stages = sorted((ROOT / STAGES_PACKAGE).glob("[!_]*.py"))
+    assert len(stages) >= 7, stages
+    for module in stages:
+        imported = _imported_modules(ast.parse(module.read_text(encoding="utf-8")))
+        others = sorted(m for m in imported if m.startswith("tasks.stages") and m != f"tasks.stages.{module.stem}")
+        assert not others, f"{module.relative_to(ROOT)} imports the stage module(s) {others}"
+    assert (ROOT / STAGES_PACKAGE / "__init__.py").read_text(encoding="utf-8").lstrip().startswith('"""')

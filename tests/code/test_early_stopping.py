@@ -8,8 +8,8 @@ import pytest
 from tasks.dataset import SplitArrays
 from tasks.errors import SkinriskError
 from tasks.schema import PreprocessSummary
+from tasks.stages.train import _check_monitor, _improved, _validation_figures, _worst
 from tasks.tracking import numeric_metrics
-from tasks.train import _check_monitor, _improved, _validation_figures, _worst
 
 
 class _FixedModel:
@@ -62,7 +62,7 @@ def test_a_monitor_undefined_on_the_validation_split_is_refused(val_is_high):
 
 def test_each_epoch_prints_one_line_with_its_validation_figures():
     """Printed (not Keras' stdout bar), so the Prefect flow-run logs carry training progress."""
-    from tasks.train import epoch_line
+    from tasks.stages.train import epoch_line
 
     logs = {"loss": 0.71234, "val_loss": 0.39, "val_high_risk_auc": float("nan"), "learning_rate": 3e-4}
     assert epoch_line(5, 13, "finetune", logs) == (

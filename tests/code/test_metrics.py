@@ -430,7 +430,7 @@ def test_high_risk_auc_leads_with_its_interval_and_each_operating_point_is_repor
 
 
 def test_dvc_s_metrics_file_holds_the_headline_rounded() -> None:
-    from tasks.evaluate import dvc_headline
+    from tasks.stages.evaluate import dvc_headline
 
     metrics = {
         "high_risk_roc_auc": 0.864213,

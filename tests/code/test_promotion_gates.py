@@ -1,5 +1,5 @@
 from tasks.params import PromoteParams
-from tasks.promote import decide
+from tasks.stages.promote import decide
 
 GOOD = {"high_risk_roc_auc": 0.88, "balanced_accuracy": 0.80, "high_risk_recall": 0.92, "ece": 0.05}
 PARAMS = PromoteParams(

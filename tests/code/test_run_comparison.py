@@ -55,7 +55,7 @@ def _datasets(run_id: str) -> dict[str, object]:
 
 
 def test_test_figures_do_not_overwrite_the_training_curves(run_id, cases_file, tmp_path):
-    from tasks.evaluate import log_to_run
+    from tasks.stages.evaluate import log_to_run
 
     for epoch, (loss, accuracy) in enumerate([(1.0, 0.4), (0.6, 0.7)], 1):  # what the epoch logger sends
         tracking.log_metrics(run_id, {"loss": loss, "accuracy": accuracy, "val_loss": loss + 0.1}, step=epoch)
@@ -81,7 +81,7 @@ def test_test_figures_do_not_overwrite_the_training_curves(run_id, cases_file, t
 
 
 def test_calibration_figures_are_validation_figures(run_id, cases_file):
-    from tasks.train import _log_to_run
+    from tasks.stages.train import _log_to_run
 
     calibration = {"temperature": 1.7, "val_log_loss_before": 0.9, "val_log_loss_after": 0.8, "val_ece_before": 0.1}
     _log_to_run(run_id, calibration, cases_file.parent)
@@ -134,8 +134,8 @@ def test_a_dvc_experiment_keeps_its_name(mlflow_store, tmp_path, monkeypatch):
 
 
 def test_train_and_evaluate_log_their_splits_as_datasets_once(run_id, cases_file, tmp_path):
-    from tasks.evaluate import log_to_run
-    from tasks.train import _log_to_run
+    from tasks.stages.evaluate import log_to_run
+    from tasks.stages.train import _log_to_run
 
     _log_to_run(run_id, {"temperature": 1.0}, cases_file.parent)
     _log_to_run(run_id, {"temperature": 1.0}, cases_file.parent)  # a retried train stage
@@ -193,7 +193,7 @@ def test_figures_in_tags_are_rounded_to_four_decimals(value, text):
 
 
 def test_the_figures_people_compare_sit_at_the_artifact_root(run_id, cases_file, tmp_path):
-    from tasks.evaluate import COMPARED_ARTIFACTS, DETAIL_ARTIFACTS, log_to_run
+    from tasks.stages.evaluate import COMPARED_ARTIFACTS, DETAIL_ARTIFACTS, log_to_run
 
     reports = tmp_path / "reports"
     reports.mkdir()

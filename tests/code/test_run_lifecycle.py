@@ -93,7 +93,8 @@ def test_sigterm_ends_a_stage_s_run_killed(mlflow_store, tmp_path):
     # `skinrisk validate` as dvc.yaml runs it, its stage function swapped for one that works on a run
     script = (
         "import sys, time\n"
-        "from tasks import cli, tracking, validate\n"
+        "from tasks import cli, tracking\n"
+        "from tasks.stages import validate\n"
         "def stage(*args):\n"
         "    run_id = tracking.start_run('stopped', {}, {})\n"
         "    print(run_id, flush=True)\n"

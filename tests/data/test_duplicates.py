@@ -13,7 +13,7 @@ from PIL import Image
 
 from tasks.duplicates import near_duplicate_pairs, split_groups, view_hashes
 from tasks.params import PreprocessParams
-from tasks.preprocess import preprocess
+from tasks.stages.preprocess import preprocess
 from tasks.schema import CASES_FILE, PROCESSED_SUMMARY_FILE, RAW_METADATA_FILE, raw_image_path
 
 SIZE = 128

@@ -11,7 +11,7 @@ from tasks.dataset import IMAGES_FILE, load_split
 from tasks.errors import DataError
 from tasks.params import PreprocessParams
 from tasks.schema import CASES_FILE, ENCODER_FILE, SPLITS
-from tasks.preprocess import first_group_fold, preprocess
+from tasks.stages.preprocess import first_group_fold, preprocess
 from tasks.schema import RAW_METADATA_FILE, RISK_LEVELS, raw_image_path
 
 

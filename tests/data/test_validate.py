@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks import validate as validate_module
+from tasks.stages import validate as validate_module
 from tasks.errors import DataError
 from tasks.params import ValidateParams
 from tasks.schema import (
@@ -31,8 +31,8 @@ from tasks.schema import (
     SEXES,
     raw_image_path,
 )
-from tasks.validate import GX_PROJECT, ValidationFailed, validate_raw
-from tasks.validate import _inspect_chunk as _original_inspect_chunk
+from tasks.stages.validate import GX_PROJECT, ValidationFailed, validate_raw
+from tasks.stages.validate import _inspect_chunk as _original_inspect_chunk
 
 # The tiny images are 40x30, so the smallest plausible side is lowered; one worker keeps the
 # tests free of process start-up (one test covers the process pool).
@@ -122,7 +122,7 @@ _PID_DIR = "SKINRISK_TEST_CHECK_PIDS"
 
 
 def _inspect_chunk_recording_pid(raw_dir: str, image_ids: list[str]) -> list[dict]:
-    """tasks.validate's chunk check, leaving a file named for the process that ran it.
+    """tasks.stages.validate's chunk check, leaving a file named for the process that ran it.
 
     The pool pickles this function by name, so a spawned worker imports this module (where the
     name refers to the original check) and finds the folder in the environment it inherited.

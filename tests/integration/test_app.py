@@ -227,7 +227,7 @@ def bundle(trained, learnable):
 
 @pytest.fixture(scope="module")
 def background(learnable):
-    from tasks.explain import training_background
+    from tasks.stages.explain import training_background
 
     return training_background(learnable / "processed", 10, 0)
 
@@ -261,7 +261,7 @@ def queue_csv(bundle, learnable, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_the_page_shows_what_explain_case_computes(bundle, background, learnable, tmp_path):
-    from tasks.explain import explain_case
+    from tasks.stages.explain import explain_case
 
     case = _test_cases(learnable, 1).iloc[0]
     image = raw_image_path(learnable / "raw", case["image_id"])

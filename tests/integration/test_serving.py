@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 @pytest.fixture
 def served(trained, learnable, mlflow_store, tmp_path):
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
     from tasks.tracking import client, start_run
 
     out, result, _ = trained

@@ -211,7 +211,7 @@ def evidently_ui(pipeline, tmp_path_factory) -> str:
 def test_evidently_project_shows_the_dashboard_and_the_snapshot(evidently_ui, page, tmp_path) -> None:
     import requests
 
-    from tasks.monitor import DASHBOARD_COLUMNS
+    from tasks.stages.monitor import DASHBOARD_COLUMNS
 
     (project,) = requests.get(f"{evidently_ui}/api/projects", timeout=10).json()
     (snapshot,) = requests.get(f"{evidently_ui}/api/projects/{project['id']}/snapshots", timeout=10).json()

@@ -21,7 +21,6 @@ from tasks.clinical import ClinicalEncoder
 from tasks.dataset import load_split
 from tasks.model import build_model, inference_model, load_model
 from tasks.params import PreprocessParams
-from tasks.preprocess import preprocess
 from tasks.schema import (
     CASES_FILE,
     ENCODER_FILE,
@@ -32,6 +31,7 @@ from tasks.schema import (
     read_preprocess_summary,
 )
 from tasks.scored_model import Bundle, predict_risk
+from tasks.stages.preprocess import preprocess
 from tests.support import tiny_train_params
 
 TEMPERATURE = 1.7  # any fitted temperature: it scales every view alike

@@ -24,7 +24,7 @@ from tasks.model import (
 )
 from tasks.params import TrainParams
 from tasks.schema import DIAGNOSES, RISK_LEVELS
-from tasks.train import calibrated, class_weights, fit_temperature
+from tasks.stages.train import calibrated, class_weights, fit_temperature
 from tests.model.test_register import SUMMARY, cases, input_sensitive
 
 IMAGE_SIZE = 32
@@ -207,7 +207,7 @@ def test_the_pyfunc_and_evaluate_give_the_same_calibrated_probabilities(saved, t
 
 def test_the_views_the_temperature_is_fitted_on_are_the_saved_models(base):
     from tasks.dataset import SplitArrays
-    from tasks.train import view_probabilities
+    from tasks.stages.train import view_probabilities
 
     # more cases than one predict batch (32) and than one chunk, an uneven last chunk
     rng = np.random.default_rng(5)

@@ -13,7 +13,18 @@ from keras import layers
 
 from tasks.clinical import ClinicalEncoder
 from tasks.errors import DataError, ParamsError, SkinriskError
-from tasks.explain import (
+from tasks.model import (
+    BASE_MODEL,
+    LAST_CONV_LAYER,
+    POOLED_LAYER,
+    build_model,
+    calibrated_single_view,
+    fusion_head,
+    inference_model,
+)
+from tasks.params import MOBILENET_V2_GRADCAM_LAYERS, ExplainParams, load_params
+from tasks.schema import DIAGNOSES, RISK_LEVELS
+from tasks.stages.explain import (
     CASE_EXPLANATION_FILE,
     CASE_GRADCAM_FILE,
     CASE_SHAP_FILE,
@@ -40,17 +51,6 @@ from tasks.explain import (
     select_cases,
     upsample_heatmap,
 )
-from tasks.model import (
-    BASE_MODEL,
-    LAST_CONV_LAYER,
-    POOLED_LAYER,
-    build_model,
-    calibrated_single_view,
-    fusion_head,
-    inference_model,
-)
-from tasks.params import MOBILENET_V2_GRADCAM_LAYERS, ExplainParams, load_params
-from tasks.schema import DIAGNOSES, RISK_LEVELS
 from tests.support import PROJECT_ROOT, tiny_train_params
 
 RISK_MAP = {"low": ["nv", "bkl", "df", "vasc"], "moderate": ["akiec"], "high": ["mel", "bcc"]}

@@ -2,7 +2,7 @@
 
 The card is rendered from the ``trained`` fixture's own ``metrics.json`` (the evaluate stage's
 keys, not a hand-written copy), so a renamed key or a dropped figure fails here. Registration goes
-through ``tasks.runs.register_pipeline_model``, the path both orchestrators take (``skinrisk
+through ``tasks.stages.register.register``, the path both orchestrators take (``skinrisk
 register`` under DVC, the Prefect ``register`` task).
 """
 
@@ -19,8 +19,8 @@ import pytest
 from tasks import tracking
 from tasks.cli import main
 from tasks.model_card import CARD_FILE, RegistryFacts, fit_description, render_model_card
-from tasks.register import DESCRIPTION_LIMIT
 from tasks.schema import read_preprocess_summary
+from tasks.stages.register import DESCRIPTION_LIMIT
 from tests.support import PROJECT_ROOT
 
 SECTIONS = [
@@ -206,7 +206,7 @@ def test_a_description_too_long_for_the_registry_keeps_the_first_sections_and_sa
 @pytest.fixture
 def registered(trained, learnable, mlflow_store, tmp_path):
     """The trained model registered through the pipeline's path: (run id, registration)."""
-    from tasks.runs import register_pipeline_model
+    from tasks.stages.register import register
 
     out = trained[0]
     model_dir = shutil.copytree(out / "models", tmp_path / "models")  # registered.json lands here, not in the fixture
@@ -215,9 +215,7 @@ def registered(trained, learnable, mlflow_store, tmp_path):
         {"train.alpha": 0.35, "train.weights": "none", "train.target": "risk"},
         {"data_version": DATA_VERSION, "data_source": "synthetic"},
     )
-    registration = register_pipeline_model(
-        model_dir / "model.keras", learnable / "processed", model_dir, out / "reports", run_id
-    )
+    registration = register(model_dir / "model.keras", learnable / "processed", model_dir, out / "reports", run_id)
     return run_id, registration
 
 
@@ -286,7 +284,7 @@ def test_the_model_card_command_prints_a_registered_card(registered, tmp_path, c
 def test_a_second_registration_from_the_run_keeps_each_version_its_own_card(
     registered, trained, learnable, capsys
 ) -> None:
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
 
     run_id, first = registered
     out = trained[0]

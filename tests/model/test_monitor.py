@@ -54,7 +54,7 @@ def no_prefect_api(request):
 
 
 def test_image_statistics_measure_what_they_name():
-    from tasks.monitor import image_statistics
+    from tasks.drift_profile import image_statistics
 
     rng = np.random.default_rng(0)
     grey = np.full((1, 16, 16, 3), 100, np.uint8)
@@ -72,7 +72,7 @@ def test_image_statistics_measure_what_they_name():
 
 
 def test_categorical_test_tolerates_a_rare_new_category_but_not_a_new_mix():
-    from tasks.monitor import _chi2_homogeneity
+    from tasks.stages.monitor import _chi2_homogeneity
 
     rng = np.random.default_rng(0)
     reference = pd.Series(rng.choice(["back", "trunk", "face"], 400, p=[0.5, 0.4, 0.1]))
@@ -85,7 +85,7 @@ def test_categorical_test_tolerates_a_rare_new_category_but_not_a_new_mix():
 
 
 def test_one_image_per_lesion_keeps_cases_without_a_lesion_id():
-    from tasks.monitor import one_per_lesion
+    from tasks.drift_profile import one_per_lesion
 
     ids = ["L1", "L1", "L2", "", "L3", "L3", "L3", ""]
     rows = one_per_lesion(ids, seed=0)
@@ -95,7 +95,7 @@ def test_one_image_per_lesion_keeps_cases_without_a_lesion_id():
 
 
 def test_a_cases_csv_is_checked_with_line_numbers(tmp_path):
-    from tasks.monitor import read_batch
+    from tasks.stages.monitor import read_batch
 
     (tmp_path / "a.jpg").write_bytes(b"")
     csv = tmp_path / "cases.csv"
@@ -137,7 +137,7 @@ def model_path(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_path(model_path, processed_dir, raw_dir, tmp_path_factory) -> Path:
-    from tasks.monitor import build_reference_profile
+    from tasks.stages.reference import build_reference_profile
 
     out = tmp_path_factory.mktemp("reference") / "reference_profile.parquet"
     return build_reference_profile(model_path, processed_dir, out, MonitorParams(), raw_dir=raw_dir)
@@ -146,7 +146,7 @@ def reference_path(model_path, processed_dir, raw_dir, tmp_path_factory) -> Path
 @pytest.fixture(scope="module")
 def bundle(reference_path, tiny_model):
     """The model in memory (the same weights as the saved file), with the profile's encoder."""
-    from tasks.monitor import ReferenceProfile
+    from tasks.drift_profile import ReferenceProfile
 
     return ReferenceProfile.load(reference_path).bundle(tiny_model)
 
@@ -162,7 +162,7 @@ def batches(tmp_path_factory) -> Path:
 
 
 def _monitor(reference_path, bundle, batch: Path, out_dir: Path, **kwargs) -> dict:
-    from tasks.monitor import monitor_batch
+    from tasks.stages.monitor import monitor_batch
 
     kwargs.setdefault("track", False)
     kwargs.setdefault("retrain", None)
@@ -243,7 +243,7 @@ SHIFTS = {
 
 @pytest.mark.slow
 def test_reference_profile_describes_one_training_image_per_lesion(reference_path, processed_dir, tiny_model):
-    from tasks.monitor import ReferenceProfile, model_fingerprint
+    from tasks.drift_profile import ReferenceProfile, model_fingerprint
 
     profile = ReferenceProfile.load(reference_path)
     table = profile.table
@@ -267,7 +267,7 @@ def test_reference_profile_describes_one_training_image_per_lesion(reference_pat
 def test_same_distribution_raises_no_alarm_and_is_logged(same_run):
     from mlflow.tracking import MlflowClient
 
-    from tasks.monitor import MONITORING_EXPERIMENT
+    from tasks.stages.monitor import MONITORING_EXPERIMENT
 
     summary, out, mlflow_store = same_run
     assert not summary["alarm"], summary["reason"]
@@ -342,7 +342,7 @@ def test_an_alarm_without_a_deployment_is_recorded_not_raised(shifted_summary):
 
 
 def test_a_cases_csv_batch_reads_like_a_folder(batches, tmp_path):
-    from tasks.monitor import read_batch
+    from tasks.stages.monitor import read_batch
 
     source = batches / "same"
     images = tmp_path / "images"
@@ -371,8 +371,9 @@ def test_a_cases_csv_batch_reads_like_a_folder(batches, tmp_path):
 @pytest.mark.slow
 def test_quick_verdicts_agree_with_the_evidently_report(reference_path, bundle, batches, same_summary, tmp_path):
     """benchmarks/monitor_sensitivity.py uses column_drift: it must give the report's verdicts."""
+    from tasks.drift_profile import ReferenceProfile, one_per_lesion, original_sizes
     from tasks.images import decode_images
-    from tasks.monitor import ReferenceProfile, column_drift, one_per_lesion, original_sizes, profile_batch, read_batch
+    from tasks.stages.monitor import column_drift, profile_batch, read_batch
 
     profile = ReferenceProfile.load(reference_path)
     cases = read_batch(batches / "same", tmp_path)
@@ -392,8 +393,8 @@ def test_quick_verdicts_agree_with_the_evidently_report(reference_path, bundle, 
 def test_a_reference_of_another_model_is_refused(reference_path, bundle, batches, tmp_path):
     import keras
 
-    from tasks.monitor import monitor_batch
     from tasks.scored_model import Bundle
+    from tasks.stages.monitor import monitor_batch
 
     other = Bundle(keras.models.clone_model(bundle.model), bundle.encoder, bundle.summary, None)
     with pytest.raises(SkinriskError, match="built with another model"):
@@ -450,7 +451,7 @@ def test_the_flow_publishes_the_drift_and_finds_no_deployment(
 
 def test_a_batch_that_does_not_exist_opens_no_monitoring_run(reference_path, bundle, mlflow_store, tmp_path):
     from tasks import tracking
-    from tasks.monitor import monitor_batch
+    from tasks.stages.monitor import monitor_batch
 
     with pytest.raises(DataError, match="not found"):
         monitor_batch(reference_path, bundle, tmp_path / "no-such-batch", tmp_path / "out", MonitorParams())
@@ -479,7 +480,7 @@ PANELS = [
 @pytest.fixture(scope="module")
 def small_drift():
     """An Evidently report on small synthetic tables: age and brightness shifted, the rest not."""
-    from tasks.monitor import RunLabel, detect_drift
+    from tasks.stages.monitor import RunLabel, detect_drift
 
     rng = np.random.default_rng(0)
 
@@ -504,7 +505,7 @@ def small_drift():
 def test_the_alarm_is_evidently_s_dataset_drift_verdict(small_drift, drift_share, alarm):
     """Two of the five columns drifted: Evidently's share-of-drifted-columns test raises the alarm
     from a drift_share of 0.4 (2/5) on, and not above it."""
-    from tasks.monitor import detect_drift
+    from tasks.stages.monitor import detect_drift
 
     drift, _ = small_drift
     rng = np.random.default_rng(1)
@@ -527,7 +528,7 @@ def _table_order(widgets) -> list[str]:
 
 
 def test_the_report_is_titled_and_lists_drifted_columns_first(small_drift):
-    from tasks.monitor import titled_html
+    from tasks.stages.monitor import titled_html
 
     drift, label = small_drift
     assert label.title == "Drift of batch clinic-a · model skinrisk v3 · 2025-06-01 06:00 UTC"
@@ -563,7 +564,7 @@ def test_each_run_is_a_tagged_snapshot_of_one_project_with_a_drift_dashboard(sma
     from evidently.sdk.panels import text_panel
     from evidently.ui.workspace import Workspace
 
-    from tasks.monitor import EVIDENTLY_PROJECT, RunLabel, add_to_workspace
+    from tasks.stages.monitor import EVIDENTLY_PROJECT, RunLabel, add_to_workspace
 
     drift, label = small_drift
     workspace = tmp_path / "evidently"
@@ -608,7 +609,7 @@ def test_each_run_is_a_tagged_snapshot_of_one_project_with_a_drift_dashboard(sma
 
 
 def test_a_model_version_names_the_registered_version_or_the_weights():
-    from tasks.monitor import model_version
+    from tasks.stages.monitor import model_version
 
     fingerprint = "0123456789abcdef" * 4
     assert model_version("models:/skinrisk/7", fingerprint) == "skinrisk v7"

@@ -25,7 +25,7 @@ GATES = PromoteParams(
 
 
 def _register(model_path: Path, processed: Path, model_dir: Path) -> str:
-    from tasks.register import register_model
+    from tasks.stages.register import register_model
     from tasks.tracking import start_run
 
     run_id = start_run("test", {}, {"data_version": "test"})
@@ -38,8 +38,8 @@ def _alias(registry, alias: str) -> str:
 
 def _always_low_model(trained_model: Path, processed: Path, out: Path) -> Path:
     """The trained network with its output layer overwritten: it predicts "low" for every case."""
-    from tasks.evaluate import evaluate
     from tasks.model import load_model, single_view
+    from tasks.stages.evaluate import evaluate
 
     model = load_model(trained_model)
     head = single_view(model).get_layer("fusion_head").get_layer("probabilities")
@@ -52,7 +52,7 @@ def _always_low_model(trained_model: Path, processed: Path, out: Path) -> Path:
 
 
 def test_promotion_gates_aliases_and_rollback(trained, learnable, mlflow_store, tmp_path):
-    from tasks.promote import promote, registry_table, rollback
+    from tasks.stages.promote import promote, registry_table, rollback
     from tasks.tracking import client
 
     out, result, _ = trained
@@ -90,8 +90,8 @@ def test_promotion_gates_aliases_and_rollback(trained, learnable, mlflow_store, 
 
 
 def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, mlflow_store, tmp_path):
-    from tasks.promote import promote
     from tasks.scored_model import load_bundle
+    from tasks.stages.promote import promote
     from tasks.triage import ACTIONS, triage
 
     out, result, _ = trained
@@ -159,8 +159,8 @@ def test_triage_ranks_valid_cases_and_reports_invalid_ones(trained, learnable, m
 def test_the_ece_gate_measures_over_evaluate_s_bins(trained, learnable):
     """The gate's ECE is the one metrics.json reports: over ``evaluate.calibration_bins`` bins."""
     from tasks.metrics import expected_calibration_error
-    from tasks.promote import evaluation_cases, model_figures
     from tasks.scored_model import load_bundle, risk_labels, score_images
+    from tasks.stages.promote import evaluation_cases, model_figures
 
     out, result, _ = trained
     processed, raw = learnable / "processed", learnable / "raw"

@@ -28,7 +28,6 @@ from tasks.errors import SkinriskError
 from tasks.images import load_image, normalize_for_mobilenet
 from tasks.model import build_model, load_model
 from tasks.params import TrainParams
-from tasks.register import Registration, load_registered, register_model
 from tasks.schema import DIAGNOSES, RISK_LEVELS, PreprocessSummary
 from tasks.serving import (
     OUTPUT_COLUMNS,
@@ -38,6 +37,7 @@ from tasks.serving import (
     risk_signature,
     score_cases,
 )
+from tasks.stages.register import Registration, load_registered, register_model
 
 IMAGE_SIZE = 32
 PARAMS = TrainParams(weights="none", alpha=0.35, image_units=8, clinical_units=4, fusion_units=8)

@@ -48,8 +48,8 @@ def test_trained_model_beats_the_majority_class_on_balanced_accuracy(trained):
 
 
 def test_diagnosis_target_sums_to_risk_levels(processed_dir, tmp_path):
-    from tasks.evaluate import evaluate
-    from tasks.train import train
+    from tasks.stages.evaluate import evaluate
+    from tasks.stages.train import train
 
     result = train(
         processed_dir,
@@ -69,7 +69,7 @@ def test_diagnosis_target_sums_to_risk_levels(processed_dir, tmp_path):
 
 
 def test_head_phase_is_kept_when_fine_tuning_never_beats_it(processed_dir, tmp_path, capsys):
-    from tasks.train import train
+    from tasks.stages.train import train
 
     # Fine-tuning at a vanishing rate cannot beat the head phase on validation loss: the whole
     # model must fall back to the head phase's snapshot.
@@ -85,7 +85,7 @@ def test_head_phase_is_kept_when_fine_tuning_never_beats_it(processed_dir, tmp_p
 
 
 def test_fine_tuning_follows_the_cosine_schedule_and_the_model_is_calibrated(trained):
-    from tasks.train import _finetune_schedule
+    from tasks.stages.train import _finetune_schedule
 
     out, result, metrics = trained
     history = pd.read_csv(result.history_path)
@@ -171,7 +171,7 @@ def test_weight_averaging_keeps_the_averaged_weights(processed_dir, tmp_path):
     0.999 the kept weights are about one Adam step (the rate) from the start, the raw ones many."""
     from tasks.model import build_model, head_of, load_model, single_view
     from tasks.schema import read_preprocess_summary
-    from tasks.train import train
+    from tasks.stages.train import train
 
     summary = read_preprocess_summary(processed_dir)
 

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 REPORT_JSON = "validation.json"
 REPORT_MARKDOWN = "validation.md"
-GX_PROJECT = Path(__file__).resolve().parents[1] / "gx"  # the committed Great Expectations project
+GX_PROJECT = Path(__file__).resolve().parents[2] / "gx"  # the committed Great Expectations project
 GX_OUTPUT = "gx"  # reports_dir/gx/: GX's uncommitted/ of the last validation (results, Data Docs)
 
 # Blank (age unknown, as in the published table) or a plain decimal number such as 45 or 45.0.

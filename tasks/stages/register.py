@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -47,7 +48,7 @@ MODEL_DESCRIPTION = (
 )
 # MLflow's SQL stores keep a version's description in a VARCHAR(5000) (PostgreSQL enforces it)
 DESCRIPTION_LIMIT = 5000
-# What a version's description calls its headline figures (tasks.evaluate.headline_figures' keys)
+# What a version's description calls its headline figures (tasks.stages.evaluate.headline_figures' keys)
 FIGURE_LABELS = {
     "high_risk_roc_auc": "high-risk (melanoma) ROC-AUC",
     "high_risk_pr_auc": "high-risk PR-AUC",
@@ -233,7 +234,7 @@ def register_model(
                 OPERATING_POINT_ARTIFACT: str(operating_point_path),
             },
             # The served model imports tasks.serving (and what it uses) from this copy.
-            code_paths=[str(Path(__file__).resolve().parent)],
+            code_paths=[str(Path(__file__).resolve().parents[1])],  # the tasks package
             signature=risk_signature(),
             input_example=example_input(summary.image_size),
             pip_requirements=pip_requirements(),
@@ -278,6 +279,37 @@ def register_model(
     )
     if out_file is not None:
         write_json(Path(out_file), asdict(registration))
+    return registration
+
+
+def register(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir: Path, run_id: str) -> Registration:
+    """The register stage: log the pyfunc to the pipeline's run, register it as ``challenger`` (its
+    model card from the evaluate and train stages' outputs) and close the run. Both orchestrators
+    (``skinrisk register`` under DVC, the Prefect task ``register``) call this."""
+    from tasks.metrics import headline_figures
+    from tasks.paths import METRICS_FILE, TRAIN_INFO_FILE
+    from tasks.scored_model import OPERATING_POINT_FILE
+    from tasks.tracking import end_run
+
+    metrics_path = Path(reports_dir) / METRICS_FILE
+    if not metrics_path.exists():
+        raise SkinriskError(f"{metrics_path} not found: run `skinrisk evaluate` first")
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    train_info = Path(model_dir) / TRAIN_INFO_FILE
+    training = json.loads(train_info.read_text(encoding="utf-8")) if train_info.exists() else None
+    registration = register_model(
+        Path(model_path),
+        Path(processed_dir),
+        Path(model_dir) / OPERATING_POINT_FILE,
+        run_id,
+        alias="challenger",
+        # the triage figures first (high-risk AUC, the operating point), tagged on the version
+        metrics={k: v for k, v in headline_figures(metrics).items() if isinstance(v, int | float)},
+        evaluation=metrics,
+        training=training,
+        out_file=Path(model_dir) / "registered.json",
+    )
+    end_run(run_id)
     return registration
 
 
