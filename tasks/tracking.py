@@ -578,6 +578,11 @@ def epoch_logger(run_id: str):
     """A Keras callback logging each epoch's metrics to the run as it ends (live curves in the UI).
 
     Steps are Keras' global epoch numbers (1-based), continuous across training phases.
+
+    Not ``mlflow.keras.MlflowCallback`` (MLflow 3.17): it logs through the fluent API, i.e. to the
+    calling thread's active run (Prefect runs the train task in a worker thread, where there is
+    none: the run is named by id here), bypasses the spool above, and logs the optimizer's config
+    as params at every ``fit``, which MLflow refuses for the fine-tuning phase's other learning rate.
     """
     import keras
 
