@@ -12,6 +12,12 @@ the metadata API cannot be reached.
 
 A file is streamed to ``<name>.part``, resumed with an HTTP Range request after an
 interruption, checked for size and checksum, and only then renamed into place.
+
+Hand-written rather than ``pooch`` because of that resume: pooch (1.9) retries a failed download
+from byte 0, and urllib3's ``Retry`` covers connecting and status codes, not a body dropped
+mid-stream, which is where a 1.4 GB archive fails. On a 256 MB file over a link that drops every
+64 MB (``benchmarks/download_resume.py``, 5 retries each): this module 256 MB sent, verified, in
+2.5-6 s; pooch 384 MB sent (six attempts of 64 MB) in 20 s, and no file.
 """
 
 from __future__ import annotations
