@@ -722,8 +722,9 @@ def case_shap_figure(result: Mapping[str, Any], raw_clinical: Mapping[str, Any],
     fig = plt.figure(layout="constrained")
     shap.plots.waterfall(explanation, show=False)
     _axis_in_plain_numbers(fig)
-    # The waterfall's own axis is the first; its twins only label E[f(X)] and f(x).
-    fig.axes[0].set_xlabel(f"log-odds of P({level} risk), image held fixed (0: even odds)", fontsize=10)
+    # The waterfall's own axis is the first; its twins only label E[f(X)] and f(x), the E[f(X)] one
+    # under the ticks, where the axis label would overprint it: the label goes below that.
+    fig.axes[0].set_xlabel(f"log-odds of P({level} risk), image held fixed (0: even odds)", fontsize=10, labelpad=22)
     probability = result.get("probability")
     shown = "" if probability is None else f"; this case P({level} risk) {_probability_text(probability)}"
     fig.suptitle(f"Clinical variables' SHAP values{shown}", fontsize=10)

@@ -445,6 +445,16 @@ def test_case_shap_plot_reads_in_log_odds_without_an_axis_offset():
         labels = " ".join(t.get_text() for ax in fig.axes for t in ax.get_yticklabels())
         assert "63" in labels and "back" in labels and "male" in labels
         assert "> 0.9999" in fig.get_suptitle()
+        # nothing overprints: the axis label, the E[f(X)] and f(x) labels of shap's twin axes, the title
+        renderer = fig.canvas.get_renderer()
+        title = [t for t in fig.findobj(plt.Text) if t.get_text() == fig.get_suptitle()]
+        texts = [fig.axes[0].xaxis.label, *title]
+        texts += [t for ax in fig.axes[1:] for t in ax.get_xticklabels() if "f(" in t.get_text()]
+        assert len(texts) >= 4, [t.get_text() for t in texts]
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+        for i, (first, a) in enumerate(boxes):
+            for second, b in boxes[i + 1 :]:
+                assert not a.overlaps(b), f"{first!r} overprints {second!r}"
     finally:
         plt.close(fig)
 
