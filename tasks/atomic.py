@@ -29,10 +29,15 @@ def _default_mode(directory: bool) -> int:
 
 @contextlib.contextmanager
 def atomic_path(destination: Path) -> Iterator[Path]:
-    """Yield a temporary file path that replaces ``destination`` only if the block succeeds."""
+    """Yield a temporary file path that replaces ``destination`` only if the block succeeds.
+
+    The path ends in the destination's suffixes (``.tmp.weights.h5``), for writers that pick the
+    format by the name (Keras, matplotlib).
+    """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    suffix = ".tmp" + "".join(destination.suffixes)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=suffix, dir=destination.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.chmod(_default_mode(directory=False))

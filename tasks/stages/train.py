@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.atomic import write_json
+from tasks.atomic import atomic_path, write_json
 from tasks.dataset import SplitArrays, load_split, make_dataset
 from tasks.errors import SkinriskError
 from tasks.params import TrainParams
@@ -109,9 +107,8 @@ class Checkpoints:
         return self.root / name
 
     def save_weights(self, model, name: str) -> None:
-        tmp = self._path(f".{name}.tmp.weights.h5")  # Keras wants the .weights.h5 suffix
-        model.save_weights(str(tmp))
-        os.replace(tmp, self._path(name))
+        with atomic_path(self._path(name)) as tmp:
+            model.save_weights(str(tmp))
 
     def load_weights(self, model, name: str) -> None:
         model.load_weights(str(self._path(name)))
@@ -139,15 +136,15 @@ class Checkpoints:
         history = self.history()
         history = history.loc[history["epoch"] < row["epoch"]]  # an epoch redone after a kill
         history = pd.concat([history, pd.DataFrame([row])], ignore_index=True) if len(history) else pd.DataFrame([row])
-        tmp = self._path(".history.csv.tmp")
-        history.to_csv(tmp, index=False)
-        os.replace(tmp, self._path("history.csv"))
+        with atomic_path(self._path("history.csv")) as tmp:
+            history.to_csv(tmp, index=False)
 
     def truncate_history(self, last_epoch: int) -> None:
         """Forget epochs after the last checkpoint (the process died before saving them)."""
         history = self.history()
         if len(history) and history["epoch"].max() > last_epoch:
-            history.loc[history["epoch"] <= last_epoch].to_csv(self._path("history.csv"), index=False)
+            with atomic_path(self._path("history.csv")) as tmp:
+                history.loc[history["epoch"] <= last_epoch].to_csv(tmp, index=False)
 
 
 def _improved(monitor: str, value: float, best: float) -> bool:
@@ -229,10 +226,10 @@ def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summa
 
     ``val_loss`` is the log loss of the training target; the others are on risk levels.
     """
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.metrics import balanced_accuracy_score
 
     from tasks.decision import called_levels, level_prior
-    from tasks.metrics import risk_probabilities
+    from tasks.metrics import class_recall, high_risk_auc, risk_probabilities
 
     high = summary.risk_levels.index("high")
     prior = level_prior(summary)
@@ -249,10 +246,8 @@ def _validation_figures(served, val: SplitArrays, val_inputs, target: str, summa
             "val_accuracy": float((probs.argmax(axis=1) == labels).mean()),
             "val_balanced_accuracy": float(balanced_accuracy_score(val.risk, predicted)),
             # NaN where undefined, as in tasks.metrics (MLflow logging skips NaN)
-            "val_high_risk_auc": float(roc_auc_score(is_high, risk[:, high]))
-            if 0 < is_high.sum() < len(is_high)
-            else float("nan"),
-            "val_high_risk_recall": float((predicted[is_high] == high).mean()) if is_high.any() else float("nan"),
+            "val_high_risk_auc": high_risk_auc(is_high, risk[:, high]),
+            "val_high_risk_recall": class_recall(high)(val.risk, predicted),
         }
 
     return compute
@@ -528,15 +523,11 @@ def train(
     )
 
     history = checkpoints.history().sort_values("epoch")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".model-") as staging:
-        staged = Path(staging) / MODEL_FILE  # Keras insists on the .keras suffix
+    with atomic_path(model_dir / MODEL_FILE) as staged:
         inference_model(served, params.tta, temperature).save(staged)
-        os.replace(staged, model_dir / MODEL_FILE)
-    reports_dir.mkdir(parents=True, exist_ok=True)
     history_path = reports_dir / HISTORY_FILE
-    history.to_csv(history_path.with_suffix(".tmp"), index=False)
-    os.replace(history_path.with_suffix(".tmp"), history_path)
+    with atomic_path(history_path) as tmp:
+        history.to_csv(tmp, index=False)
 
     phase_states = [s for s in (checkpoints.state("head"), checkpoints.state("finetune")) if s]
     best = None
