@@ -114,11 +114,8 @@ def risk_probabilities(
             f"{diagnoses}), got shape {p.shape}"
         )
     level_of = risk_level_of(risk_map, diagnoses)
-
     # Diagnosis -> level as a 0/1 matrix: one matmul sums each level's diagnoses.
-    assignment = np.zeros((len(diagnoses), len(RISK_LEVELS)), dtype=p.dtype)
-    for i, dx in enumerate(diagnoses):
-        assignment[i, RISK_LEVELS.index(level_of[dx])] = 1
+    assignment = np.array([[level_of[dx] == level for level in RISK_LEVELS] for dx in diagnoses], dtype=p.dtype)
     return p @ assignment
 
 
@@ -126,10 +123,11 @@ def risk_probabilities(
 # Calibration
 
 
-def _confidence_bins(
-    y_true: np.ndarray, probs: np.ndarray, n_bins: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Bin edges, each case's bin, its top-label confidence and whether the top label is right."""
+def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> pd.DataFrame:
+    """Top-label reliability per equal-width confidence bin ``(bin_lower, bin_upper]``.
+
+    One row per bin, empty bins included (``count`` 0, ``mean_confidence`` and ``accuracy`` nan).
+    """
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
     y, p = _labels_and_probabilities(y_true, probs)
@@ -137,16 +135,8 @@ def _confidence_bins(
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # Bins are (lower, upper] as in Guo et al. (2017); a confidence of exactly 0 joins bin 0.
+    # (sklearn's calibration_curve bins alike but drops empty bins and does not count cases.)
     index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    return edges, index, confidence, correct
-
-
-def reliability_curve(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> pd.DataFrame:
-    """Top-label reliability per equal-width confidence bin ``(bin_lower, bin_upper]``.
-
-    One row per bin, empty bins included (``count`` 0, ``mean_confidence`` and ``accuracy`` nan).
-    """
-    edges, index, confidence, correct = _confidence_bins(y_true, probs, n_bins)
     count = np.bincount(index, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / count
@@ -167,10 +157,16 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: in
 
     ``sum_b |accuracy_b - mean_confidence_b| * n_b / N`` over the non-empty bins.
     """
-    curve = reliability_curve(y_true, probs, n_bins)
+    return curve_ece(reliability_curve(y_true, probs, n_bins))
+
+
+def curve_ece(curve: pd.DataFrame) -> float:
+    """The expected calibration error of a :func:`reliability_curve` (nan when it counts no case)."""
+    total = curve["count"].sum()
+    if not total:
+        return math.nan
     filled = curve[curve["count"] > 0]
-    gaps = (filled["accuracy"] - filled["mean_confidence"]).abs()
-    return float((gaps * filled["count"]).sum() / curve["count"].sum())
+    return float(((filled["accuracy"] - filled["mean_confidence"]).abs() * filled["count"]).sum() / total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,22 +269,12 @@ def bootstrap_interval(
         raise ValueError("no cases to resample")
     if pred.shape[0] != n:
         raise ValueError(f"y_true has {n} cases but y_pred_or_scores has {pred.shape[0]}")
-    rng = np.random.default_rng(seed)
-
-    if groups is None:
-        # All draws at once; only the metric calls remain in the loop.
-        draws = rng.integers(0, n, size=(n_resamples, n))
-        samples = (draws[i] for i in range(n_resamples))
-    else:
-        group_ids = np.asarray(groups)
-        if group_ids.shape != (n,):
-            raise ValueError(f"groups must have one id per case ({n}), got {group_ids.shape}")
-        samples = _group_resamples(group_ids, n_resamples, rng)
-
-    statistics = np.array(
-        [metric(y[idx], pred[idx]) for idx in samples],
-        dtype=np.float64,
-    )
+    # Without groups each case is its own group: the same draws as resampling cases directly.
+    group_ids = np.arange(n) if groups is None else np.asarray(groups)
+    if group_ids.shape != (n,):
+        raise ValueError(f"groups must have one id per case ({n}), got {group_ids.shape}")
+    samples = _group_resamples(group_ids, n_resamples, np.random.default_rng(seed))
+    statistics = np.array([metric(y[idx], pred[idx]) for idx in samples], dtype=np.float64)
     statistics = statistics[~np.isnan(statistics)]
     if statistics.size == 0:
         return (math.nan, math.nan)
@@ -322,7 +308,7 @@ def _balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(hits[present] / support[present]))
 
 
-def _class_recall(index: int) -> Callable[[np.ndarray, np.ndarray], float]:
+def class_recall(index: int) -> Callable[[np.ndarray, np.ndarray], float]:
     """Recall of class ``index`` given predicted class indices or referral booleans."""
 
     def recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -340,7 +326,7 @@ def _class_recall(index: int) -> Callable[[np.ndarray, np.ndarray], float]:
 # The metrics dict
 
 
-def _high_risk_auc(y_high: np.ndarray, p_high: np.ndarray) -> float:
+def high_risk_auc(y_high: np.ndarray, p_high: np.ndarray) -> float:
     """ROC-AUC of P(high) for high risk against the rest; nan when either group is empty."""
     positives = int(np.sum(y_high))
     if positives == 0 or positives == len(y_high):
@@ -408,19 +394,16 @@ def classification_figures(
             auc_per_class[names[k]] = float(roc_auc_score(positive, p[:, k]))
 
     y_high, p_high = y == high_index, p[:, high_index]
+    boot = {"n_resamples": n_resamples, "seed": seed, "groups": groups}
     figures: dict[str, Any] = {
-        "high_risk_roc_auc": _high_risk_auc(y_high, p_high),
-        "high_risk_roc_auc_ci95": list(
-            bootstrap_interval(_high_risk_auc, y_high, p_high, n_resamples=n_resamples, seed=seed, groups=groups)
-        ),
+        "high_risk_roc_auc": high_risk_auc(y_high, p_high),
+        "high_risk_roc_auc_ci95": list(bootstrap_interval(high_risk_auc, y_high, p_high, **boot)),
         "high_risk_pr_auc": float(average_precision_score(y_high, p_high)) if y_high.any() else math.nan,
         "n_cases": int(y.size),
         "accuracy": float(np.mean(y_pred == y)),
         "loss": float(log_loss(y, p, labels=labels)),
         "balanced_accuracy": _balanced_accuracy(y, y_pred),
-        "balanced_accuracy_ci95": list(
-            bootstrap_interval(_balanced_accuracy, y, y_pred, n_resamples=n_resamples, seed=seed, groups=groups)
-        ),
+        "balanced_accuracy_ci95": list(bootstrap_interval(_balanced_accuracy, y, y_pred, **boot)),
         "macro_f1": float(f1_score(y, y_pred, labels=present, average="macro", zero_division=0)),
         "per_class": {
             names[k]: {
@@ -435,22 +418,13 @@ def classification_figures(
         "roc_auc_ovr": float(np.mean(list(auc_per_class.values()))) if auc_per_class else math.nan,
         "roc_auc_per_class": auc_per_class,
         "ece": expected_calibration_error(y, p, calibration_bins),
-        "high_risk_recall": _class_recall(high_index)(y, y_pred),
+        "high_risk_recall": class_recall(high_index)(y, y_pred),
     }
 
     def at(point: float) -> dict[str, Any]:
-        triage: dict[str, Any] = dict(triage_figures(y, p_high, point, high_index=high_index, low_index=low_index))
-        triage["high_risk_recall_ci95"] = list(
-            bootstrap_interval(
-                _class_recall(high_index),
-                y,
-                p_high >= point,
-                n_resamples=n_resamples,
-                seed=seed,
-                groups=groups,
-            )
-        )
-        return triage
+        recall_ci = bootstrap_interval(class_recall(high_index), y, p_high >= point, **boot)
+        triage = triage_figures(y, p_high, point, high_index=high_index, low_index=low_index)
+        return {**triage, "high_risk_recall_ci95": list(recall_ci)}
 
     if threshold is not None:
         figures["triage"] = at(threshold)

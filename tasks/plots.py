@@ -6,7 +6,6 @@ matplotlib.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.atomic import atomic_path
+from tasks.metrics import curve_ece
 
 PLOT_DPI = 120
 
@@ -47,13 +47,10 @@ def plot_confusion_matrix(
 
     counts = np.asarray(matrix, dtype=np.float64)
     names = [str(name) for name in class_names]
-    if counts.ndim != 2 or counts.shape != (len(names), len(names)):
+    if counts.shape != (len(names), len(names)):
         raise ValueError(f"matrix must be {len(names)} x {len(names)} for classes {names}, got {counts.shape}")
-    if normalize:
-        row_sums = counts.sum(axis=1, keepdims=True)
-        shown = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0)
-    else:
-        shown = counts
+    row_sums = counts.sum(axis=1, keepdims=True)
+    shown = np.divide(counts, row_sums, out=np.zeros_like(counts), where=row_sums > 0) if normalize else counts
 
     side = max(4.0, 0.9 * len(names) + 2.0)
     fig, ax = plt.subplots(figsize=(side + 1.0, side))
@@ -71,50 +68,29 @@ def plot_confusion_matrix(
     _save(fig, path)
 
 
-def _curve_ece(curve: pd.DataFrame) -> float:
-    filled = curve[curve["count"] > 0]
-    total = curve["count"].sum()
-    if not total:
-        return math.nan
-    return float(((filled["accuracy"] - filled["mean_confidence"]).abs() * filled["count"]).sum()) / total
-
-
 def plot_reliability(curve: pd.DataFrame, path: Path, *, before: pd.DataFrame | None = None) -> None:
     """Reliability diagram from :func:`reliability_curve`: accuracy against confidence per bin.
 
     ``before``: the curve of the same cases before temperature scaling, drawn beside it.
     """
-    required = {"bin_lower", "bin_upper", "count", "mean_confidence", "accuracy"}
-    missing = required - set(curve.columns)
+    missing = {"bin_lower", "bin_upper", "count", "mean_confidence", "accuracy"} - set(curve.columns)
     if missing:
         raise ValueError(f"reliability curve lacks columns {sorted(missing)}")
     filled = curve[curve["count"] > 0]
-    ece = _curve_ece(curve)
+    ece = curve_ece(curve)
     width = curve["bin_upper"] - curve["bin_lower"]
     centres = curve["bin_lower"] + width / 2
 
     fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    ax.bar(
-        centres,
-        curve["accuracy"].fillna(0.0),
-        width=width,
-        edgecolor="black",
-        alpha=0.7,
-        label="accuracy",
-    )
+    ax.bar(centres, curve["accuracy"].fillna(0.0), width=width, edgecolor="black", alpha=0.7, label="accuracy")
     ax.plot(filled["mean_confidence"], filled["accuracy"], "o-", color="C3", label=f"calibrated (ECE {ece:.3f})")
     title = f"Reliability diagram (ECE {ece:.3f})"
     if before is not None:
         raw = before[before["count"] > 0]
-        ece_before = _curve_ece(before)
-        ax.plot(
-            raw["mean_confidence"],
-            raw["accuracy"],
-            "s:",
-            color="C1",
-            label=f"before temperature (ECE {ece_before:.3f})",
-        )
+        ece_before = curve_ece(before)
+        label = f"before temperature (ECE {ece_before:.3f})"
+        ax.plot(raw["mean_confidence"], raw["accuracy"], "s:", color="C1", label=label)
         title = f"Reliability diagram (ECE {ece_before:.3f} before temperature scaling, {ece:.3f} after)"
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -150,25 +126,20 @@ def plot_training_curves(history: pd.DataFrame, path: Path) -> None:
         changes = np.flatnonzero(phase[1:] != phase[:-1]) + 1
         boundaries = [((epoch[i - 1] + epoch[i]) / 2, f"{phase[i]} phase starts") for i in changes]
 
-    panels = (
-        ("Loss", (("loss", "train loss"), ("val_loss", "validation loss"))),
-        (
-            "Accuracy",
-            (
-                ("accuracy", "train accuracy"),
-                ("val_accuracy", "validation accuracy"),
-                ("val_balanced_accuracy", "validation balanced accuracy"),
-            ),
-        ),
-    )
+    panels = {  # title -> {history column: legend label}
+        "Loss": {"loss": "train loss", "val_loss": "validation loss"},
+        "Accuracy": {
+            "accuracy": "train accuracy",
+            "val_accuracy": "validation accuracy",
+            "val_balanced_accuracy": "validation balanced accuracy",
+        },
+    }
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, (title, series) in zip(axes, panels, strict=True):
-        drawn = False
-        for column, label in series:
-            if column in history and history[column].notna().any():
-                style = "--" if column.startswith("val_") else "-"
-                ax.plot(epoch, history[column], style, marker="o", markersize=3, label=label)
-                drawn = True
+    for ax, (title, series) in zip(axes, panels.items(), strict=True):
+        drawn = [column for column in series if column in history and history[column].notna().any()]
+        for column in drawn:
+            style = "--" if column.startswith("val_") else "-"
+            ax.plot(epoch, history[column], style, marker="o", markersize=3, label=series[column])
         for x, label in boundaries:
             ax.axvline(x, color="grey", linestyle=":", label=label)
         if drawn:

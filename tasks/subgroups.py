@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.metrics import bootstrap_interval, triage_figures
+from tasks.atomic import atomic_path
+from tasks.metrics import bootstrap_interval, class_recall, high_risk_auc, triage_figures
 from tasks.schema import RISK_LEVELS
 
 # Body sites grouped as clinicians read them (and so each group holds enough lesions to measure)
@@ -34,14 +35,11 @@ MIN_CASES = 10  # smaller subgroups are listed with their counts only
 
 
 def site_group(localization: str) -> str:
-    for group, sites in SITE_GROUPS.items():
-        if localization in sites:
-            return group
-    return "unknown"
+    return next((group for group, sites in SITE_GROUPS.items() if localization in sites), "unknown")
 
 
-def age_band(age: float) -> str:
-    if age is None or (isinstance(age, float) and math.isnan(age)):
+def age_band(age: float | None) -> str:
+    if age is None or math.isnan(age):
         return "unknown"
     return next(label for low, high, label in AGE_BANDS if low <= age < high)
 
@@ -59,31 +57,20 @@ def subgroup_columns(cases: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _auc(y_high: np.ndarray, p_high: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y_high, p_high)) if 0 < y_high.sum() < len(y_high) else math.nan
-
-
 def _figures(y: np.ndarray, p_high: np.ndarray, groups: np.ndarray, threshold: float, high: int, **boot) -> dict:
     is_high = (y == high).astype(int)
+    # 0/1 referrals: recall of class 1 is sensitivity, recall of class 0 (not referred) specificity
     referred = (p_high >= threshold).astype(int)
     triage = triage_figures(y, p_high, threshold, high_index=high)
-
-    def recall(flags, sent):
-        return float(sent[flags == 1].mean()) if (flags == 1).any() else math.nan
-
-    def specificity(flags, sent):
-        return float(1 - sent[flags == 0].mean()) if (flags == 0).any() else math.nan
-
+    sensitivity, specificity = class_recall(1), class_recall(0)
     return {
         "n_images": len(y),
         "n_lesions": len(np.unique(groups)),
         "n_high": int(is_high.sum()),
-        "high_risk_roc_auc": _auc(is_high, p_high),
-        "high_risk_roc_auc_ci95": list(bootstrap_interval(_auc, is_high, p_high, groups=groups, **boot)),
+        "high_risk_roc_auc": high_risk_auc(is_high, p_high),
+        "high_risk_roc_auc_ci95": list(bootstrap_interval(high_risk_auc, is_high, p_high, groups=groups, **boot)),
         "high_risk_recall": triage["high_risk_recall"],
-        "high_risk_recall_ci95": list(bootstrap_interval(recall, is_high, referred, groups=groups, **boot)),
+        "high_risk_recall_ci95": list(bootstrap_interval(sensitivity, is_high, referred, groups=groups, **boot)),
         "specificity": triage["specificity"],
         "specificity_ci95": list(bootstrap_interval(specificity, is_high, referred, groups=groups, **boot)),
     }
@@ -219,8 +206,8 @@ def plot_subgroups(report: dict, path: Path) -> None:
     if not math.isnan(overall):
         ax.legend(loc="lower left")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(Path(path)) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
