@@ -1,28 +1,23 @@
 """The explain stage: Grad-CAM heatmaps for the image and SHAP values for the clinical variables.
 
 Computation is kept apart from rendering, as in keras-io's ``grad_cam`` example:
-:func:`make_gradcam_heatmap` and :func:`clinical_shap` return arrays and dicts;
-:func:`render_overlay`, :func:`save_overlay`, :func:`save_case_grid` and the ``plot_*``
-functions draw them.
+:func:`make_gradcam_heatmap` and :func:`clinical_shap` return arrays and dicts; the ``*_figure``
+functions and :func:`save_overlay` draw them.
 
-What is explained is always a risk level. For a model with one output per diagnosis (``dx``
-target) a risk level's probability is the sum of its diagnoses' probabilities
-(:func:`level_assignment`). Grad-CAM differentiates, by default, the level's logit, the log of
-that sum before the softmax's normalisation, because a confident softmax saturates (its
-gradient underflows to zero); ``from_logits=False`` differentiates the summed probability itself.
+What is explained is always a risk level; for a model with one output per diagnosis (``dx``
+target) a level's probability is the sum of its diagnoses' (:func:`level_assignment`).
 
-SHAP explains the clinical variables with the image held fixed. ``shap.KernelExplainer`` sees
-three raw variables, ``age``, ``sex`` and ``localization`` (categories as integer codes into the
-encoder's vocabularies, an unknown age as :data:`MISSING_AGE_CODE`); they are encoded through the
-fitted :class:`~tasks.clinical.ClinicalEncoder` inside the model function, so each variable gets
-one SHAP value however many one-hot columns it spans. With three variables the explainer
-enumerates every coalition, so the values are exact Shapley values and ``base_value`` plus their
-sum equals the model's output.
+SHAP explains ``age``, ``sex`` and ``localization`` with the image held fixed.
+``shap.KernelExplainer`` sees them as numbers (categories as vocabulary indices, an unknown age as
+:data:`MISSING_AGE_CODE`), encoded through the fitted :class:`~tasks.clinical.ClinicalEncoder`
+inside the model function, so each variable gets one SHAP value however many one-hot columns it
+spans. With three variables every coalition is enumerated: the values are exact Shapley values,
+and ``base_value`` plus their sum equals the model's output.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -99,57 +94,15 @@ _GRADCAM_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _NEG_LARGE = -1e30  # log(0) in the masked log-sum-exp: finite, so gradients stay finite
 
 
-def _is_softmax_dense(layer) -> bool:
-    import keras
+def _grad_model(model, layer_name: str, from_logits: bool):
+    """(inputs -> [``layer_name``'s output, the model's output], whether that output is logits).
 
-    return isinstance(layer, keras.layers.Dense) and layer.get_config().get("activation") == "softmax"
-
-
-def _logit_graph(model, layer_name: str):
-    """(inputs, conv output, logits, weight pairs) of a twin of ``model`` that outputs logits.
-
-    The twin reuses every layer (so every weight) except the softmax ``Dense``, which is copied
-    without its activation; the pairs (twin variable, model variable) let the caller copy that
-    layer's current weights in before each use. None if the model has no single softmax
-    ``Dense`` or cannot be cloned.
+    For logits the model is cloned sharing every layer, its softmax ``Dense`` applied without the
+    softmax on its live weights (so training after the clone shows). Models with no single
+    softmax ``Dense``, or that cannot be cloned, give their probabilities.
     """
     import keras
 
-    softmax_layers: list = []
-    captured: dict[str, Any] = {}
-
-    def swap(layer):
-        if not _is_softmax_dense(layer):
-            return layer
-        twin = keras.layers.Dense.from_config({**layer.get_config(), "activation": "linear"})
-        twin.build((None, int(layer.kernel.shape[0])))
-        softmax_layers.append((twin, layer))
-        return twin
-
-    def call(layer, *args, **kwargs):
-        output = layer(*args, **kwargs)
-        if layer.name == layer_name:
-            captured["conv"] = output
-        return output
-
-    try:
-        twin = keras.models.clone_model(model, clone_function=swap, call_function=call, recursive=True)
-    except Exception:  # unusual graphs (subclassed layers): fall back to differentiating probabilities
-        return None
-    if len(softmax_layers) != 1 or "conv" not in captured:
-        return None
-    twin_dense, dense = softmax_layers[0]
-    pairs = list(zip(twin_dense.weights, dense.weights, strict=True))
-    return twin.inputs, captured["conv"], twin.outputs[0], pairs
-
-
-def _gradcam_function(model, layer_name: str, from_logits: bool):
-    import keras
-    import tensorflow as tf
-
-    built = _GRADCAM_FUNCTIONS.setdefault(model, {})
-    if (layer_name, from_logits) in built:
-        return built[layer_name, from_logits]
     try:
         conv = model.get_layer(layer_name)
     except ValueError:
@@ -157,18 +110,41 @@ def _gradcam_function(model, layer_name: str, from_logits: bool):
             f"the model has no layer {layer_name!r} to take Grad-CAM from (explain.gradcam_layer); "
             f"models built by tasks.model.build_model have MobileNetV2's, e.g. {LAST_CONV_LAYER!r}"
         ) from None
-    graph = _logit_graph(model, layer_name) if from_logits else None
-    use_logits = graph is not None
-    pairs = []
-    if use_logits:
-        inputs, conv_output, logits, pairs = graph
-        grad_model = keras.Model(inputs, [conv_output, logits])
-    else:
-        grad_model = keras.Model(model.inputs, [conv.output, model.output])
+    softmax_calls: list = []
+    captured: dict[str, Any] = {}
+
+    def call(layer, *args, **kwargs):
+        if isinstance(layer, keras.layers.Dense) and layer.get_config().get("activation") == "softmax":
+            softmax_calls.append(layer)
+            logits = keras.ops.matmul(args[0], layer.kernel)
+            return logits if layer.bias is None else logits + layer.bias
+        output = layer(*args, **kwargs)
+        if layer.name == layer_name:
+            captured["conv"] = output
+        return output
+
+    if from_logits:
+        try:
+            twin = keras.models.clone_model(
+                model, clone_function=lambda layer: layer, call_function=call, recursive=True
+            )
+        except Exception:  # unusual graphs (subclassed layers): fall back to differentiating probabilities
+            pass
+        else:
+            if len(softmax_calls) == 1 and "conv" in captured:
+                return keras.Model(twin.inputs, [captured["conv"], twin.outputs[0]]), True
+    return keras.Model(model.inputs, [conv.output, model.output]), False
+
+
+def _gradcam_function(model, layer_name: str, from_logits: bool) -> _EagerThenTraced:
+    import tensorflow as tf
+
+    built = _GRADCAM_FUNCTIONS.setdefault(model, {})
+    if (layer_name, from_logits) in built:
+        return built[layer_name, from_logits]
+    grad_model, use_logits = _grad_model(model, layer_name, from_logits)
 
     def gradcam(image, clinical, assignment, index):
-        for twin_variable, variable in pairs:  # the model may have been trained since the twin was made
-            twin_variable.assign(variable)
         with tf.GradientTape() as tape:
             conv_output, outputs = grad_model({"image": image, "clinical": clinical}, training=False)
             if use_logits:
@@ -190,8 +166,8 @@ def _gradcam_function(model, layer_name: str, from_logits: bool):
         grads = tape.gradient(explained, conv_output)
         # Channel importance: the gradient averaged over the feature map (Selvaraju et al., 2017).
         channel_weights = tf.reduce_mean(grads, axis=(0, 1, 2))
-        heatmap = tf.reduce_sum(conv_output[0] * channel_weights, axis=-1)
-        return heatmap, probabilities, chosen
+        heatmap = tf.nn.relu(tf.reduce_sum(conv_output[0] * channel_weights, axis=-1))
+        return tf.math.divide_no_nan(heatmap, tf.reduce_max(heatmap)), probabilities, chosen
 
     built[layer_name, from_logits] = _EagerThenTraced(gradcam)
     return built[layer_name, from_logits]
@@ -209,8 +185,7 @@ def _gradcam(
     """(heatmap at conv resolution in [0, 1], output probabilities, explained column), one pass.
 
     Column ``j`` of ``assignment`` (outputs x explained classes) says which outputs make up
-    class ``j``; ``index`` None explains the most probable class. See
-    :func:`make_gradcam_heatmap` for ``from_logits``.
+    class ``j``; ``index`` None explains the most probable class.
     """
     image = np.asarray(image, dtype=np.float32)
     clinical = np.asarray(clinical, dtype=np.float32)
@@ -226,17 +201,13 @@ def _gradcam(
         raise ValueError(f"index {index} is outside 0..{assignment.shape[1] - 1}")
     import tensorflow as tf
 
-    gradcam = _gradcam_function(model, last_conv_layer_name, from_logits)
-    heatmap, outputs, chosen = gradcam(
+    heatmap, outputs, chosen = _gradcam_function(model, last_conv_layer_name, from_logits)(
         tf.constant(image[None]),
         tf.constant(clinical[None]),
         tf.constant(assignment),
         tf.constant(-1 if index is None else index, dtype=tf.int32),
     )
-    heatmap = np.maximum(heatmap.numpy(), 0.0)
-    peak = float(heatmap.max())
-    heatmap = heatmap / peak if peak > 0 else np.zeros_like(heatmap)
-    return heatmap.astype(np.float32), outputs.numpy().astype(np.float64), int(chosen)
+    return heatmap.numpy(), outputs.numpy().astype(np.float64), int(chosen)
 
 
 def make_gradcam_heatmap(
@@ -256,10 +227,9 @@ def make_gradcam_heatmap(
     An all-zero map means no part of the image raised that output.
 
     ``from_logits`` (as keras-io's example, which strips the softmax): differentiate the class
-    logit, read from a twin of the model whose softmax ``Dense`` is linear (weights shared
-    otherwise). A confident softmax saturates: its gradient underflows to zero, or is left with
-    only "what would lower the other classes", which points away from the lesion. Models without
-    a softmax ``Dense``, or ``from_logits=False``, differentiate the probability itself.
+    logit. A confident softmax saturates: its gradient underflows to zero, or is left with only
+    "what would lower the other classes", which points away from the lesion. Models without a
+    softmax ``Dense``, or ``from_logits=False``, differentiate the probability itself.
     """
     n_outputs = int(model.output_shape[-1])
     heatmap, _, _ = _gradcam(model, image, clinical, np.eye(n_outputs), class_index, last_conv_layer_name, from_logits)
@@ -298,15 +268,13 @@ def risk_level_gradcam(
     last_conv_layer_name: str = LAST_CONV_LAYER,
     from_logits: bool = True,
 ) -> RiskGradCam:
-    """Grad-CAM of a risk level (the predicted level when ``level_index`` is None).
+    """Grad-CAM of a risk level (the predicted level when ``level_index`` is None), from the one
+    forward pass that also gives the prediction.
 
-    ``assignment`` is :func:`level_assignment`. For a ``dx`` model the level's score is its
-    diagnoses' summed probability: with ``from_logits=False`` that sum is differentiated (the
-    gradients of the level's diagnoses summed); with ``from_logits`` (the default, see
-    :func:`make_gradcam_heatmap`) its logit, the log of the sum of its diagnoses' ``exp(logit)``,
-    i.e. the summed probability before the softmax's shared normalisation. For a ``risk`` model
-    it is the level's own probability or logit. One forward pass gives the prediction and the
-    heatmap.
+    ``assignment`` is :func:`level_assignment`. A ``dx`` model's level score is its diagnoses'
+    summed probability, or with ``from_logits`` (see :func:`make_gradcam_heatmap`) its logit: the
+    log of the diagnoses' summed ``exp(logit)``, the summed probability before the softmax's
+    shared normalisation. A ``risk`` model's is the level's own probability or logit.
     """
     assignment = np.asarray(assignment, dtype=np.float64)
     heatmap, outputs, chosen = _gradcam(
@@ -325,22 +293,17 @@ def upsample_heatmap(heatmap: np.ndarray, size: int | tuple[int, int]) -> np.nda
 
 def heatmap_stats(heatmap: np.ndarray, size: int | tuple[int, int]) -> dict[str, Any]:
     """Where the heat is, as fractions of the image (x right, y down), on the upsampled map."""
-    conv_shape = list(np.asarray(heatmap).shape)
     field = upsample_heatmap(heatmap, size).astype(np.float64)
-    total = float(field.sum())
-    if total <= 0:
-        return {"conv_resolution": conv_shape, "empty": True}
+    stats: dict[str, Any] = {"conv_resolution": list(np.shape(heatmap)), "empty": not field.any()}
+    if stats["empty"]:
+        return stats
     height, width = field.shape
-    ys, xs = np.mgrid[0:height, 0:width]
-    peak_y, peak_x = np.unravel_index(int(np.argmax(field)), field.shape)
+    xs, ys = np.meshgrid((np.arange(width) + 0.5) / width, (np.arange(height) + 0.5) / height)  # pixel centres
+    peak = np.unravel_index(np.argmax(field), field.shape)
     return {
-        "conv_resolution": conv_shape,
-        "empty": False,
-        "peak_xy": [round(float(peak_x + 0.5) / width, 4), round(float(peak_y + 0.5) / height, 4)],
-        "centroid_xy": [
-            round(float((field * (xs + 0.5)).sum()) / total / width, 4),
-            round(float((field * (ys + 0.5)).sum()) / total / height, 4),
-        ],
+        **stats,
+        "peak_xy": [round(float(xs[peak]), 4), round(float(ys[peak]), 4)],
+        "centroid_xy": [round(float(np.average(xs, weights=field)), 4), round(float(np.average(ys, weights=field)), 4)],
         "area_above_half": round(float((field >= 0.5).mean()), 4),
     }
 
@@ -356,8 +319,7 @@ def render_overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 
         raise ValueError(f"image_uint8 must be an H x W x 3 uint8 array, got {image.shape} {image.dtype}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    field = upsample_heatmap(heatmap, image.shape[:2])
-    jet = matplotlib.colormaps[HEATMAP_CMAP](field)[..., :3] * 255.0
+    jet = matplotlib.colormaps[HEATMAP_CMAP](upsample_heatmap(heatmap, image.shape[:2]))[..., :3] * 255.0
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * jet
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
@@ -442,34 +404,25 @@ def case_grid_figure(cases: Sequence[CaseView], *, per_row: int = 3):
     return fig
 
 
-def save_case_grid(cases: Sequence[CaseView], path: Path, *, per_row: int = 3) -> None:
-    """Write :func:`case_grid_figure` as a PNG (atomically)."""
-    _save_figure(case_grid_figure(cases, per_row=per_row), path)
-
-
 # ---------------------------------------------------------------------------------------------
 # SHAP for the clinical variables: computation
 
-PredictFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
 
 class RiskPredictor:
-    """SHAP's model function: risk-level probabilities of one image with many clinical rows.
+    """SHAP's model function: ``predictor(image, clinical)`` gives the N x 3 risk-level
+    probabilities (float64) of one normalized H x W x 3 image with N rows of encoded features.
 
-    ``predictor(image, clinical)`` takes one normalized H x W x 3 image and an N x F matrix of
-    encoded features and returns N x 3 probabilities (float64). For a model built by
-    :func:`tasks.model.build_model` the image embedding is computed once per image and only the
-    fusion head runs per row: the network's own computation (dropout is off at inference), many
-    times faster than re-running the backbone for every coalition. The split is checked against
-    the whole model on first use; other models run whole, with the image repeated.
+    For a model built by :func:`tasks.model.build_model` the image embedding is computed once per
+    image and only the fusion head runs per row: the network's own computation (dropout is off
+    at inference), many times faster than re-running the backbone for every coalition. The split
+    is checked against the whole model on first use; other models run whole, the image repeated.
     """
 
     def __init__(self, model, assignment: np.ndarray) -> None:
         # A weak reference: predictors are cached per model, and must not keep it alive.
         model_ref = weakref.ref(model)
-        self._model_ref = model_ref
         self.assignment = np.asarray(assignment, dtype=np.float64)
-        self._cached: tuple[bytes, Any] | None = None
+        self._embedding: tuple[np.ndarray, Any] | None = None  # (image, its embedding)
         self._checked = False
         self._model_fn = _EagerThenTraced(lambda inputs: model_ref()(inputs, training=False))
         try:
@@ -483,52 +436,30 @@ class RiskPredictor:
             self._head_fn = _EagerThenTraced(lambda inputs: head(inputs, training=False))
             self._embed_fn = _EagerThenTraced(lambda image: embed(image, training=False))
 
-    def _embedding(self, image: np.ndarray):
+    def _predict(self, image: np.ndarray, clinical: np.ndarray, *, split: bool) -> np.ndarray:
         import tensorflow as tf
 
-        key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, self._embed_fn(tf.constant(image[None])))
-        return self._cached[1]
-
-    def _whole(self, image: np.ndarray, clinical: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-
-        outputs = []
-        for start in range(0, len(clinical), _PREDICT_CHUNK):
-            rows = tf.constant(clinical[start : start + _PREDICT_CHUNK])
+        rows = tf.constant(clinical)
+        if not split:
             images = tf.repeat(tf.constant(image[None]), rows.shape[0], axis=0)
-            outputs.append(np.asarray(self._model_fn({"image": images, "clinical": rows})))
-        return np.concatenate(outputs)
-
-    def _split(self, image: np.ndarray, clinical: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
-
-        embedding = self._embedding(image)
-        outputs = []
-        for start in range(0, len(clinical), _PREDICT_CHUNK):
-            rows = tf.constant(clinical[start : start + _PREDICT_CHUNK])
-            tiled = tf.repeat(embedding, rows.shape[0], axis=0)
-            outputs.append(np.asarray(self._head_fn([tiled, rows])))
-        return np.concatenate(outputs)
-
-    def _split_matches_model(self, image: np.ndarray, clinical: np.ndarray) -> bool:
-        import tensorflow as tf
-
-        probe = tf.constant(clinical[:1])
-        model = self._model_ref()
-        whole = np.asarray(model({"image": tf.constant(image[None]), "clinical": probe}, training=False))
-        return bool(np.allclose(self._split(image, clinical[:1]), whole, atol=1e-5))
+            return np.asarray(self._model_fn({"image": images, "clinical": rows}))
+        if self._embedding is None or not np.array_equal(self._embedding[0], image):
+            self._embedding = (image.copy(), self._embed_fn(tf.constant(image[None])))
+        return np.asarray(self._head_fn([tf.repeat(self._embedding[1], rows.shape[0], axis=0), rows]))
 
     def __call__(self, image: np.ndarray, clinical: np.ndarray) -> np.ndarray:
         image = np.ascontiguousarray(image, dtype=np.float32)
         clinical = np.ascontiguousarray(clinical, dtype=np.float32)
         if self._head_fn is not None and not self._checked:
             self._checked = True
-            if not self._split_matches_model(image, clinical):
+            split = self._predict(image, clinical[:1], split=True)
+            if not np.allclose(split, self._predict(image, clinical[:1], split=False), atol=1e-5):
                 self._head_fn = self._embed_fn = None  # not the graph assumed: run the model whole
-        outputs = self._split(image, clinical) if self._head_fn is not None else self._whole(image, clinical)
-        return outputs.astype(np.float64) @ self.assignment
+        outputs = [
+            self._predict(image, clinical[start : start + _PREDICT_CHUNK], split=self._head_fn is not None)
+            for start in range(0, len(clinical), _PREDICT_CHUNK)
+        ]
+        return np.concatenate(outputs).astype(np.float64) @ self.assignment
 
 
 _PREDICTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -552,32 +483,28 @@ def _raw_frame(raw_clinical: Mapping[str, Any] | Sequence[Any] | pd.Series) -> p
     return pd.DataFrame({"age": [age], "sex": [sex], "localization": [site]})
 
 
+def _vocabularies(encoder: ClinicalEncoder) -> dict[str, Sequence[str]]:
+    return {"sex": encoder.sexes, "localization": encoder.localizations}
+
+
 def encode_raw(frame: pd.DataFrame, encoder: ClinicalEncoder) -> np.ndarray:
     """Raw ``age, sex, localization`` rows -> N x 3 SHAP codes (age in years, vocabulary indices)."""
-    for column, vocabulary in (("sex", encoder.sexes), ("localization", encoder.localizations)):
+    codes = [frame["age"].astype(float).fillna(MISSING_AGE_CODE).to_numpy()]
+    for column, vocabulary in _vocabularies(encoder).items():
         unknown = sorted(set(frame[column]) - set(vocabulary))
         if unknown:
             raise DataError(f"unknown {column} value(s) {unknown}; accepted: {list(vocabulary)}")
-    age = frame["age"].astype(float).to_numpy()
-    codes = np.empty((len(frame), len(SHAP_VARIABLES)), dtype=np.float64)
-    codes[:, 0] = np.where(np.isnan(age), MISSING_AGE_CODE, age)
-    codes[:, 1] = frame["sex"].map({s: i for i, s in enumerate(encoder.sexes)}).to_numpy(dtype=float)
-    codes[:, 2] = frame["localization"].map({s: i for i, s in enumerate(encoder.localizations)}).to_numpy(dtype=float)
-    return codes
+        codes.append(pd.Categorical(frame[column], categories=vocabulary).codes)
+    return np.column_stack(codes).astype(np.float64)
 
 
 def decode_raw(codes: np.ndarray, encoder: ClinicalEncoder) -> pd.DataFrame:
     """The inverse of :func:`encode_raw` (an age code below 0 is an unknown age, NaN)."""
     codes = np.asarray(codes, dtype=np.float64)
-    sexes = np.asarray(encoder.sexes, dtype=object)
-    sites = np.asarray(encoder.localizations, dtype=object)
-    return pd.DataFrame(
-        {
-            "age": np.where(codes[:, 0] < 0, math.nan, codes[:, 0]),
-            "sex": sexes[np.rint(codes[:, 1]).astype(int)],
-            "localization": sites[np.rint(codes[:, 2]).astype(int)],
-        }
-    )
+    raw = {"age": np.where(codes[:, 0] < 0, math.nan, codes[:, 0])}
+    for k, (column, vocabulary) in enumerate(_vocabularies(encoder).items(), start=1):
+        raw[column] = np.asarray(vocabulary, dtype=object)[np.rint(codes[:, k]).astype(int)]
+    return pd.DataFrame(raw)
 
 
 def log_odds(probabilities: np.ndarray, class_index: int) -> np.ndarray:
@@ -595,7 +522,7 @@ def log_odds(probabilities: np.ndarray, class_index: int) -> np.ndarray:
 
 
 def clinical_shap(
-    predict_fn: PredictFn,
+    predict_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
     image: np.ndarray,
     raw_clinical: Mapping[str, Any] | Sequence[Any] | pd.Series,
     background_raw: pd.DataFrame,
@@ -608,18 +535,18 @@ def clinical_shap(
     """Exact SHAP values of ``age``, ``sex`` and ``localization`` for one case, image held fixed.
 
     ``predict_fn(image, clinical)`` returns N x K probabilities for one normalized image and an
-    N x F matrix of encoded features (e.g. a :class:`RiskPredictor`); ``class_index`` picks the
-    column explained, in log-odds (:func:`log_odds`): additive, and readable where a confident
-    model's probabilities saturate at 0 or 1. ``raw_clinical`` is ``(age, sex, site)`` or a mapping with keys ``age``,
-    ``sex``, ``localization`` (age None or NaN when unknown). ``background_raw`` holds raw rows
-    of the same three columns; more than ``background_size`` rows are sampled down with
-    ``seed``. An unknown age goes through the encoder's policy: imputed (with its missing flag)
-    under ``impute``; refused under ``drop``, and background rows without an age are left out.
+    N x F matrix of encoded features (e.g. a :class:`RiskPredictor`); column ``class_index`` is
+    explained, in log-odds (:func:`log_odds`). ``raw_clinical`` is ``(age, sex, site)`` or a
+    mapping with keys ``age``, ``sex``, ``localization`` (age None or NaN when unknown).
+    ``background_raw`` holds raw rows of the same three columns; more than ``background_size``
+    rows are sampled down with ``seed``. An unknown age follows the encoder's policy: imputed
+    (with its missing flag) under ``impute``; refused under ``drop``, and background rows without
+    an age are left out.
 
     Returns ``unit`` (:data:`SHAP_UNIT`), ``base_value`` (mean log-odds over the background),
-    ``values`` (variable -> SHAP value, log-odds), ``output`` (the case's log-odds:
-    ``base_value + sum(values)``), ``probability`` (the case's probability of the class),
-    ``class_index`` and ``background_size``.
+    ``values`` (variable -> SHAP value), ``output`` (the case's log-odds: ``base_value +
+    sum(values)``), ``probability`` (the case's probability of the class), ``class_index`` and
+    ``background_size``.
     """
     import shap
 
@@ -633,8 +560,6 @@ def clinical_shap(
     if background_size is not None and len(background) > background_size:
         background = background.sample(n=background_size, random_state=seed).reset_index(drop=True)
     x = encode_raw(case, encoder)
-    background_codes = encode_raw(background, encoder)
-
     image = np.ascontiguousarray(image, dtype=np.float32)
 
     def probabilities(codes: np.ndarray) -> np.ndarray:
@@ -644,7 +569,9 @@ def clinical_shap(
     def explained_output(codes: np.ndarray) -> np.ndarray:
         return log_odds(probabilities(codes), class_index)
 
-    explainer = shap.KernelExplainer(explained_output, background_codes, feature_names=list(SHAP_VARIABLES))
+    explainer = shap.KernelExplainer(
+        explained_output, encode_raw(background, encoder), feature_names=list(SHAP_VARIABLES)
+    )
     # Three variables: 2**3 - 2 coalitions, all enumerated (nsamples is capped there), and no
     # L1 feature selection, so the regression returns the exact Shapley values.
     values = np.asarray(explainer.shap_values(x, l1_reg=False, silent=True), dtype=np.float64).reshape(-1)
@@ -694,7 +621,7 @@ def neutral_background(encoder: ClinicalEncoder) -> pd.DataFrame:
 
 def _display_value(name: str, value: Any) -> str:
     if name == "age":
-        return "unknown" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+        return "unknown" if pd.isna(value) else f"{value:g}"
     return str(value)
 
 
@@ -705,6 +632,12 @@ def _axis_in_plain_numbers(fig) -> None:
         if isinstance(formatter, matplotlib.ticker.ScalarFormatter):
             formatter.set_useOffset(False)
             formatter.set_scientific(False)
+
+
+def _probability_text(probability: float) -> str:
+    if probability > 0.9999:
+        return "> 0.9999"
+    return "< 0.0001" if probability < 0.0001 else f"= {probability:.4f}"
 
 
 def case_shap_figure(result: Mapping[str, Any], raw_clinical: Mapping[str, Any], *, level: str):
@@ -731,17 +664,6 @@ def case_shap_figure(result: Mapping[str, Any], raw_clinical: Mapping[str, Any],
     return fig
 
 
-def _probability_text(probability: float) -> str:
-    if probability > 0.9999:
-        return "> 0.9999"
-    return "< 0.0001" if probability < 0.0001 else f"= {probability:.4f}"
-
-
-def plot_case_shap(result: Mapping[str, Any], raw_clinical: Mapping[str, Any], path: Path, *, level: str) -> None:
-    """Write :func:`case_shap_figure` as a PNG (atomically)."""
-    _save_figure(case_shap_figure(result, raw_clinical, level=level), path)
-
-
 def shap_summary_figure(table: pd.DataFrame):
     """``shap.plots.bar`` of mean |SHAP| (log-odds of P(predicted level)) per variable: all cases,
     then by predicted level."""
@@ -763,11 +685,6 @@ def shap_summary_figure(table: pd.DataFrame):
     ax.set_xlabel("mean |SHAP value|, log-odds of P(predicted level)", fontsize=10)
     ax.set_title("Clinical variables' influence, image held fixed", fontsize=10)
     return fig
-
-
-def plot_shap_summary(table: pd.DataFrame, path: Path) -> None:
-    """Write :func:`shap_summary_figure` as a PNG (atomically)."""
-    _save_figure(shap_summary_figure(table), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -836,39 +753,30 @@ def explain_test_cases(
     assignment = bundle_assignment(bundle)
     # Grad-CAM on the single view (the map is the same at any temperature); SHAP on the calibrated
     # single view; the probabilities shown are the saved model's (every view, calibrated).
-    single, calibrated = single_view(bundle.model), calibrated_single_view(bundle.model)
-    predictor = risk_predictor(calibrated, assignment)
+    single = single_view(bundle.model)
+    predictor = risk_predictor(calibrated_single_view(bundle.model), assignment)
     background = training_background(processed_dir, params.shap_background, params.seed)
 
-    shap_results: dict[int, dict] = {}
+    def levels(i: int) -> dict[str, str]:
+        return {"true_level": RISK_LEVELS[int(test.risk[i])], "predicted_level": RISK_LEVELS[int(predicted[i])]}
 
+    @functools.cache  # the chosen cases are often among the summary's
     def shap_of(i: int) -> dict:
-        if i not in shap_results:
-            shap_results[i] = clinical_shap(
-                predictor,
-                normalize_for_mobilenet(test.images[i]),
-                raw_test.iloc[i],
-                background,
-                bundle.encoder,
-                int(predicted[i]),
-                seed=params.seed,
-            )
-        return shap_results[i]
+        image = normalize_for_mobilenet(test.images[i])
+        return clinical_shap(
+            predictor, image, raw_test.iloc[i], background, bundle.encoder, int(predicted[i]), seed=params.seed
+        )
 
     rng = np.random.default_rng(params.seed)
     summary_indices = np.sort(rng.choice(len(test), size=min(params.shap_cases, len(test)), replace=False))
     shap_rows = []
-    for i in progress(summary_indices, "SHAP", unit="case"):
-        result = shap_of(int(i))
-        raw = raw_test.iloc[int(i)]
+    for i in map(int, progress(summary_indices, "SHAP", unit="case")):
+        result = shap_of(i)
         shap_rows.append(
             {
                 "image_id": str(test.image_id[i]),
-                "true_level": RISK_LEVELS[int(test.risk[i])],
-                "predicted_level": RISK_LEVELS[int(predicted[i])],
-                "age": raw["age"],
-                "sex": raw["sex"],
-                "localization": raw["localization"],
+                **levels(i),
+                **raw_test.iloc[i].to_dict(),
                 "base_value": result["base_value"],
                 **{f"shap_{name}": result["values"][name] for name in SHAP_VARIABLES},
                 "output": result["output"],
@@ -882,7 +790,8 @@ def explain_test_cases(
     views: list[CaseView] = []
     with atomic_directory(out_dir) as staging:
         for i, reason in chosen:
-            image_id = str(test.image_id[i])
+            image_id, level = str(test.image_id[i]), RISK_LEVELS[int(predicted[i])]
+            probabilities = _probabilities_dict(probs[i])
             cam = risk_level_gradcam(
                 single,
                 normalize_for_mobilenet(test.images[i]),
@@ -891,39 +800,22 @@ def explain_test_cases(
                 level_index=int(predicted[i]),
                 last_conv_layer_name=params.gradcam_layer,
             )
-            overlay = save_overlay(
-                test.images[i],
-                cam.heatmap,
-                staging / GRADCAM_DIR / f"{image_id}.png",
-                params.overlay_alpha,
-                level=RISK_LEVELS[int(predicted[i])],
-            )
-            result = shap_of(i)
-            raw = raw_test.iloc[i]
+            overlay_path = staging / GRADCAM_DIR / f"{image_id}.png"
+            overlay = save_overlay(test.images[i], cam.heatmap, overlay_path, params.overlay_alpha, level=level)
             explained.append(
                 {
                     "image_id": image_id,
                     "reason": reason,
-                    "true_level": RISK_LEVELS[int(test.risk[i])],
-                    "predicted_level": RISK_LEVELS[int(predicted[i])],
-                    "probabilities": _probabilities_dict(probs[i]),
-                    "clinical": {name: raw[name] for name in SHAP_VARIABLES},
-                    "shap": result,
+                    **levels(i),
+                    "probabilities": probabilities,
+                    "clinical": raw_test.iloc[i].to_dict(),
+                    "shap": shap_of(i),
                     "gradcam": heatmap_stats(cam.heatmap, test.images.shape[1:3]),
                 }
             )
-            views.append(
-                CaseView(
-                    image_id=image_id,
-                    image=test.images[i],
-                    overlay=overlay,
-                    predicted_level=RISK_LEVELS[int(predicted[i])],
-                    probabilities=_probabilities_dict(probs[i]),
-                    true_level=RISK_LEVELS[int(test.risk[i])],
-                )
-            )
-        save_case_grid(views, staging / GRID_FILE)
-        plot_shap_summary(shap_table, staging / SHAP_SUMMARY_FILE)
+            views.append(CaseView(image_id, test.images[i], overlay, probabilities=probabilities, **levels(i)))
+        _save_figure(case_grid_figure(views), staging / GRID_FILE)
+        _save_figure(shap_summary_figure(shap_table), staging / SHAP_SUMMARY_FILE)
         with atomic_path(staging / SHAP_VALUES_FILE) as tmp:
             shap_table.to_csv(tmp, index=False)
         report = json_safe(
@@ -987,7 +879,7 @@ def explain_case(
         raise DataError(f"image {image} not found (or not a file): give the path of a JPEG or PNG file")
     pixels = load_image(image, bundle.summary.image_size)
     normalized = normalize_for_mobilenet(pixels)
-    clinical = bundle.encoder.transform(pd.DataFrame({name: [raw[name]] for name in SHAP_VARIABLES}))[0]
+    clinical = bundle.encoder.transform(pd.DataFrame([raw]))[0]
 
     assignment = bundle_assignment(bundle)
     # The probabilities are the saved model's (every test-time view, calibrated), as served;
@@ -1036,6 +928,6 @@ def explain_case(
 
     out_dir = Path(out_dir)
     save_overlay(pixels, cam.heatmap, out_dir / CASE_GRADCAM_FILE, params.overlay_alpha, level=level)
-    plot_case_shap(shap_result, raw, out_dir / CASE_SHAP_FILE, level=level)
+    _save_figure(case_shap_figure(shap_result, raw, level=level), out_dir / CASE_SHAP_FILE)
     write_json(out_dir / CASE_EXPLANATION_FILE, payload)
     return payload
