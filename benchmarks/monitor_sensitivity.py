@@ -94,7 +94,8 @@ def _outputs_with_clinical(bundle, embeddings: np.ndarray, clinical: np.ndarray)
 
     probs = head_of(bundle.model).predict([embeddings, clinical], batch_size=256, verbose=0)
     risk = risk_probabilities(probs, bundle.target, bundle.summary.diagnoses, bundle.summary.risk_map)
-    return dp.ModelOutputs(embeddings, np.asarray(risk, dtype=np.float64))
+    risk = np.asarray(risk, dtype=np.float64)
+    return dp.ModelOutputs(embeddings, risk, bundle.called_levels(risk))
 
 
 def _load_shifted(raw_dir: Path, image_ids, size: int, change: Callable[[Image.Image], Image.Image]) -> np.ndarray:
@@ -109,7 +110,9 @@ def _load_shifted(raw_dir: Path, image_ids, size: int, change: Callable[[Image.I
 
 def _table(pool: Pool, rows: np.ndarray, pca: dp.EmbeddingPCA, frame=None, outputs=None, stats=None):
     frame = pool.frame.iloc[rows].reset_index(drop=True) if frame is None else frame
-    outputs = outputs or dp.ModelOutputs(pool.outputs.embeddings[rows], pool.outputs.risk_probs[rows])
+    outputs = outputs or dp.ModelOutputs(
+        pool.outputs.embeddings[rows], pool.outputs.risk_probs[rows], pool.outputs.called_levels[rows]
+    )
     stats = pool.stats.iloc[rows] if stats is None else stats
     return dp.profile_table(frame, stats, outputs, pca, pool.sizes.iloc[rows])
 

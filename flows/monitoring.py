@@ -1,12 +1,8 @@
 """The monitoring flow: drift of a new batch against the training reference, and retraining on alarm.
 
-Compares a batch (a HAM10000 folder or zip, or a cases CSV beside its images) with the reference
-profile built at training time, writes ``drift_report.html``/``.json`` and ``drift_summary.json``,
-adds the report to the Evidently workspace (``evidently ui --workspace reports/evidently``), logs a
-run to the MLflow experiment ``skinrisk-monitoring`` and, on alarm, triggers the
-``monitor.retrain_deployment`` Prefect deployment. The stage logic lives in ``tasks.stages.monitor``; the
-tasks below take paths, run ids and the monitor section of params.yaml (parsed once per flow run),
-like ``tasks.prefect_tasks``.
+The stage (report, summary, Evidently workspace, MLflow run, retraining trigger) is
+``tasks.stages.monitor.monitor_batch``; the tasks below take paths, run ids and the monitor section
+of params.yaml (parsed once per flow run), like ``tasks.prefect_tasks``.
 """
 
 from __future__ import annotations
@@ -19,9 +15,11 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import paths
 from tasks.params import MonitorParams, load_params
+from tasks.prefect_tasks import finish_tracking
+from tasks.tracking import ending_status
 
 # The Prefect workspace's model and reference (the retraining deployment's), its reports beside them.
-DEFAULT_REFERENCE = str(paths.PREFECT_MODELS_DIR / "reference_profile.parquet")  # tasks.stages.monitor.REFERENCE_FILE
+DEFAULT_REFERENCE = str(paths.PREFECT_MODELS_DIR / "reference_profile.parquet")  # tasks.drift_profile.REFERENCE_FILE
 DEFAULT_MODEL = str(paths.PREFECT_MODELS_DIR / "model.keras")
 DEFAULT_OUT_DIR = str(paths.PREFECT_REPORTS_DIR / "monitoring")
 DEFAULT_WORKSPACE = str(paths.REPORTS_DIR / "evidently")  # every run's snapshot: the drift history
@@ -85,13 +83,6 @@ def publish_drift_summary(summary_path: str) -> dict:
     return summary
 
 
-@task(name="finish-monitoring-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def finish_monitoring_run(run_id: str, status: str) -> None:
-    from tasks.tracking import end_run
-
-    end_run(run_id, status)
-
-
 @flow(name="skinrisk-monitoring", log_prints=True)
 def monitoring_flow(
     batch: str,
@@ -117,18 +108,9 @@ def monitoring_flow(
     try:
         summary_path = monitor_batch(batch, reference, model, out_dir, params, run_id, images_dir, retrain, workspace)
     except BaseException as exc:
-        from tasks.tracking import ending_status
-
-        finish_monitoring_run(run_id, ending_status(exc))  # KILLED on Ctrl-C or termination
+        finish_tracking(run_id, ending_status(exc))  # KILLED on Ctrl-C or termination
         raise
-    finish_monitoring_run(run_id, "FINISHED")
+    finish_tracking(run_id, "FINISHED")
     summary = publish_drift_summary(summary_path)
-    return {
-        "run_id": run_id,
-        "summary_path": summary_path,
-        "alarm": summary["alarm"],
-        "drifted_share": summary["drifted_share"],
-        "drifted_columns": summary["drifted_columns"],
-        "retraining": summary["retraining"],
-        "evidently": summary.get("evidently"),
-    }
+    headline = ("alarm", "drifted_share", "drifted_columns", "retraining", "evidently")
+    return {"run_id": run_id, "summary_path": summary_path, **{key: summary[key] for key in headline}}

@@ -155,11 +155,13 @@ class ClinicalEncoder:
         path = Path(path)
         if not path.exists():
             raise DataError(f"clinical encoder {path} not found: run `skinrisk preprocess` first")
-        payload = json.loads(path.read_text(encoding="utf-8"))
-        payload.pop("feature_names", None)
-        payload["sexes"] = tuple(payload["sexes"])
-        payload["localizations"] = tuple(payload["localizations"])
-        return cls(**payload)
+        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_json(cls, payload: dict) -> ClinicalEncoder:
+        """The encoder from its saved JSON (``feature_names`` is derived, so it is dropped)."""
+        fields = {key: value for key, value in payload.items() if key != "feature_names"}
+        return cls(**{**fields, "sexes": tuple(fields["sexes"]), "localizations": tuple(fields["localizations"])})
 
 
 def clinical_frame(raw: pd.DataFrame, source: Path) -> pd.DataFrame:

@@ -59,21 +59,17 @@ def image_statistics(images: np.ndarray) -> pd.DataFrame:
     """
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected N x H x W x 3 images, got shape {images.shape}")
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in IMAGE_COLUMNS}
+    blocks = [np.zeros((0, len(IMAGE_COLUMNS)))]
     for start in range(0, len(images), 256):  # bounded memory for large batches
         block = images[start : start + 256].astype(np.float32)
         luma = block @ _LUMA
         laplacian = (
             luma[:, :-2, 1:-1] + luma[:, 2:, 1:-1] + luma[:, 1:-1, :-2] + luma[:, 1:-1, 2:] - 4.0 * luma[:, 1:-1, 1:-1]
         )
-        columns["brightness"].append(luma.mean(axis=(1, 2)))
-        columns["contrast"].append(luma.std(axis=(1, 2)))
-        for channel, name in enumerate(("mean_red", "mean_green", "mean_blue")):
-            columns[name].append(block[..., channel].mean(axis=(1, 2)))
-        columns["sharpness"].append(laplacian.reshape(len(block), -1).var(axis=1))
-    return pd.DataFrame(
-        {name: np.concatenate(parts).astype(np.float64) if parts else np.zeros(0) for name, parts in columns.items()}
-    )
+        channel_means = [block[..., channel].mean(axis=(1, 2)) for channel in range(3)]
+        sharpness = laplacian.reshape(len(block), -1).var(axis=1)
+        blocks.append(np.column_stack([luma.mean(axis=(1, 2)), luma.std(axis=(1, 2)), *channel_means, sharpness]))
+    return pd.DataFrame(np.concatenate(blocks), columns=list(IMAGE_COLUMNS), dtype=np.float64)
 
 
 def original_sizes(paths: list[Path]) -> pd.DataFrame:
@@ -108,7 +104,7 @@ class ModelOutputs:
 
 
 # One two-output view per loaded model, so repeated batches reuse its compiled predict function.
-_OUTPUT_MODELS: dict[int, tuple[weakref.ref, Any]] = {}
+_OUTPUT_MODELS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def model_outputs(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batch_size: int = 64) -> ModelOutputs:
@@ -121,13 +117,11 @@ def model_outputs(bundle: Bundle, images: np.ndarray, clinical: np.ndarray, batc
     from tasks.model import POOLED_LAYER, single_view
 
     model = bundle.model
-    cached = _OUTPUT_MODELS.get(id(model))
-    if cached is None or cached[0]() is not model:
+    both = _OUTPUT_MODELS.get(model)
+    if both is None:
         base = single_view(model)
         embed = keras.Model(base.inputs, base.get_layer(POOLED_LAYER).output)
-        both = keras.Model(model.inputs, [embed(model.inputs), model.output])
-        cached = _OUTPUT_MODELS[id(model)] = (weakref.ref(model), both)
-    both = cached[1]
+        both = _OUTPUT_MODELS[model] = keras.Model(model.inputs, [embed(model.inputs), model.output])
     embeddings, probs = [], []
     for start in range(0, len(images), 512):  # bounded memory for large batches
         block_embeddings, block_probs = both.predict(
@@ -181,19 +175,11 @@ class EmbeddingPCA:
         return pd.DataFrame(scores, columns=self.column_names)
 
     def to_json(self) -> dict:
-        return {
-            "components": self.components.tolist(),
-            "mean": self.mean.tolist(),
-            "explained_variance_ratio": self.explained_variance_ratio.tolist(),
-        }
+        return {name: array.tolist() for name, array in asdict(self).items()}
 
     @classmethod
     def from_json(cls, payload: dict) -> EmbeddingPCA:
-        return cls(
-            np.asarray(payload["components"], dtype=np.float64),
-            np.asarray(payload["mean"], dtype=np.float64),
-            np.asarray(payload["explained_variance_ratio"], dtype=np.float64),
-        )
+        return cls(**{name: np.asarray(values, dtype=np.float64) for name, values in payload.items()})
 
 
 def profile_table(
@@ -204,24 +190,16 @@ def profile_table(
     sizes: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The monitored columns of a set of cases, in the same layout for the reference and a batch."""
-    n = len(frame)
-    if not (len(stats) == len(outputs.embeddings) == len(outputs.risk_probs) == n):
+    if not (len(stats) == len(outputs.embeddings) == len(outputs.risk_probs) == len(frame)):
         raise ValueError("frame, image statistics and model outputs must describe the same cases")
-    table = pd.DataFrame(
-        {
-            "image_id": frame["image_id"].astype(str).to_numpy(),
-            "age": frame["age"].astype(float).to_numpy(),
-            "sex": frame["sex"].astype(str).to_numpy(),
-            "localization": frame["localization"].astype(str).to_numpy(),
-        }
+    cases = frame[["image_id", *CLINICAL_COLUMNS]].astype(
+        {"image_id": str, "age": float, "sex": str, "localization": str}
     )
-    parts = [table, stats.reset_index(drop=True)]
-    if sizes is not None:
-        parts.append(sizes.reset_index(drop=True))
-    parts.append(pca.project(outputs.embeddings))
     predictions = pd.DataFrame(outputs.risk_probs, columns=[f"p_{level}" for level in RISK_LEVELS])
     predictions["predicted_level"] = np.asarray(RISK_LEVELS, dtype=object)[outputs.called_levels]
-    parts.append(predictions)
+    parts = [cases.reset_index(drop=True), stats.reset_index(drop=True), pca.project(outputs.embeddings), predictions]
+    if sizes is not None:  # beside the image statistics
+        parts.insert(2, sizes.reset_index(drop=True))
     return pd.concat(parts, axis=1)
 
 
@@ -292,13 +270,10 @@ class ReferenceProfile:
             raise SkinriskError(
                 f"{path} has profile format {payload.get('format')}, this code reads {PROFILE_FORMAT}; rebuild it"
             )
-        encoder = dict(payload.pop("encoder"))
-        encoder["sexes"] = tuple(encoder["sexes"])
-        encoder["localizations"] = tuple(encoder["localizations"])
         return cls(
             table=arrow.to_pandas(),
             pca=EmbeddingPCA.from_json(payload.pop("pca")),
-            encoder=ClinicalEncoder(**encoder),
+            encoder=ClinicalEncoder.from_json(payload.pop("encoder")),
             preprocess=PreprocessSummary.from_json(payload.pop("preprocess")),
             meta=payload,
         )
@@ -318,8 +293,7 @@ def fit_reference(
     meta: dict | None = None,
 ) -> ReferenceProfile:
     """Describe ``frame``/``images`` (training cases) as a reference: features, PCA, predictions."""
-    clinical = bundle.encoder.transform(frame)
-    outputs = model_outputs(bundle, images, clinical)
+    outputs = model_outputs(bundle, images, bundle.encoder.transform(frame))
     pca = EmbeddingPCA.fit(outputs.embeddings, params.embedding_components, params.seed)
     table = profile_table(frame, image_statistics(images), outputs, pca, sizes)
     return ReferenceProfile(

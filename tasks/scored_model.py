@@ -74,9 +74,15 @@ def _keras_file(artifacts: Path, model_uri: str) -> Path:
     return found[0]
 
 
+def is_model_uri(model: str | Path) -> bool:
+    """Whether ``model`` is an MLflow model URI (``models:/``, ``runs:/``, ``s3://``...), not a file path."""
+    text = str(model)
+    return "://" in text or text.startswith(("models:/", "runs:/"))
+
+
 def load_bundle(model: str, processed_dir: Path, model_dir: Path) -> Bundle:
     """A saved model path (with its processed data folder) or an MLflow model URI."""
-    if "://" in model or model.startswith("models:/") or model.startswith("runs:/"):
+    if is_model_uri(model):
         import mlflow
 
         from tasks.model import load_model

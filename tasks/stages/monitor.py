@@ -1,14 +1,11 @@
 """Monitoring: does a new batch of cases still look like the data the model was trained on?
 
 :func:`monitor_batch` describes a batch (HAM10000 layout, or a cases CSV beside its images; no
-labels needed) as :mod:`tasks.drift_profile` describes the reference that the ``reference`` stage
-built at training time, runs an Evidently data-drift report against it, writes
-``drift_report.html`` (titled with the batch, model version and date; drifted columns first),
-``drift_report.json`` and ``drift_summary.json`` (the latest batch), adds the report as a snapshot to
-the project ``skinrisk`` of a local Evidently workspace (the history, with a drift dashboard:
-``evidently ui --workspace PATH``), logs one run to the MLflow experiment ``skinrisk-monitoring``
-and, when the share of drifted columns reaches ``monitor.drift_share``, calls the retraining trigger
-it was given (``flows.retraining.trigger_retraining``).
+labels needed) as :mod:`tasks.drift_profile` describes the training reference, runs an Evidently
+data-drift report against it, records it (``drift_report.html``/``.json``, ``drift_summary.json``,
+a snapshot in a local Evidently workspace with a drift dashboard, a run in the MLflow experiment
+``skinrisk-monitoring``) and, when the share of drifted columns reaches ``monitor.drift_share``,
+calls the retraining trigger it was given (``flows.retraining.trigger_retraining``).
 
 Batches are tested one image per lesion where lesion ids are known, like the reference: images of
 one lesion are not independent cases. Drift tests, per column, at ``monitor.stattest_threshold``
@@ -41,7 +38,6 @@ from tasks.drift_profile import (
     CATEGORICAL_COLUMNS,
     CLINICAL_COLUMNS,
     GROUPS,
-    REFERENCE_FILE,
     SIZE_COLUMNS,
     ReferenceProfile,
     image_statistics,
@@ -54,7 +50,7 @@ from tasks.drift_profile import (
 from tasks.errors import DataError, SkinriskError
 from tasks.params import MonitorParams
 from tasks.schema import LOCALIZATIONS, SEXES
-from tasks.scored_model import Bundle, json_safe, load_bundle
+from tasks.scored_model import Bundle, is_model_uri, json_safe, load_bundle
 
 MONITORING_EXPERIMENT = "skinrisk-monitoring"
 REPORT_HTML = "drift_report.html"
@@ -136,19 +132,17 @@ def read_batch(batch: Path, scratch: Path, images_dir: Path | None = None) -> Ba
             image_id=[Path(name).stem for name in table["image"]],
             lesion_id=table["lesion_id"] if "lesion_id" in table.columns else "",
         )
-        return BatchCases(
-            frame[["image_id", "lesion_id", *CLINICAL_COLUMNS]].reset_index(drop=True), paths, "cases_csv"
-        )
+        kind = "cases_csv"
+    else:
+        from tasks.ingest import import_dataset, read_raw_metadata
+        from tasks.schema import RAW_METADATA_FILE, raw_image_path
 
-    from tasks.ingest import import_dataset, read_raw_metadata
-    from tasks.schema import RAW_METADATA_FILE, raw_image_path
-
-    raw_dir = Path(scratch) / "raw"
-    import_dataset(batch, raw_dir, progress=False)
-    table = read_raw_metadata(raw_dir)
-    frame = _checked_clinical(table, raw_dir / RAW_METADATA_FILE)
-    paths = [raw_image_path(raw_dir, image_id) for image_id in frame["image_id"]]
-    return BatchCases(frame[["image_id", "lesion_id", *CLINICAL_COLUMNS]].reset_index(drop=True), paths, "ham10000")
+        raw_dir = Path(scratch) / "raw"
+        import_dataset(batch, raw_dir, progress=False)
+        frame = _checked_clinical(read_raw_metadata(raw_dir), raw_dir / RAW_METADATA_FILE)
+        paths = [raw_image_path(raw_dir, image_id) for image_id in frame["image_id"]]
+        kind = "ham10000"
+    return BatchCases(frame[["image_id", "lesion_id", *CLINICAL_COLUMNS]].reset_index(drop=True), paths, kind)
 
 
 def profile_batch(
@@ -272,6 +266,20 @@ class DriftResult:
         return head + (": " + "; ".join(details) if details else "")
 
 
+def _finite(values: pd.Series) -> pd.Series:
+    return values.replace([np.inf, -np.inf], np.nan).dropna()
+
+
+def _score(value: float | None) -> float | None:
+    """A p-value as the summary keeps it: None where undefined."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _reading_order(drifted: bool, score: float | None) -> tuple[bool, float]:
+    """Drifted columns first, then by p-value (undefined last): how the report and the summary list them."""
+    return not drifted, math.inf if score is None else score
+
+
 def _testable_columns(
     reference: pd.DataFrame, current: pd.DataFrame, groups: dict[str, list[str]]
 ) -> tuple[dict[str, str], dict[str, str]]:
@@ -281,9 +289,9 @@ def _testable_columns(
         for name in names:
             if name not in current.columns:
                 skipped[name] = "not in the batch"
-            elif reference[name].replace([np.inf, -np.inf], np.nan).dropna().empty:
+            elif _finite(reference[name]).empty:
                 skipped[name] = "no values in the reference"
-            elif current[name].replace([np.inf, -np.inf], np.nan).dropna().empty:
+            elif _finite(current[name]).empty:
                 skipped[name] = "no values in the batch"
             else:
                 tested[name] = group
@@ -318,14 +326,13 @@ def _report_parts() -> tuple[type, type]:
             widgets = super().render(context, child_widgets)
             # The table shows scores rounded to 6 decimals: order by the exact p-values.
             p_values = {
-                metric.column: float(context.get_metric_result(metric).value)
+                metric.column: _score(context.get_metric_result(metric).value)
                 for metric in self.metrics(context)
                 if isinstance(metric, ValueDrift)
             }
 
             def order(row: dict) -> tuple[bool, float]:
-                score = p_values.get(row["column_name"], math.nan)
-                return row["data_drift"] != "Detected", score if math.isfinite(score) else math.inf
+                return _reading_order(row["data_drift"] == "Detected", p_values.get(row["column_name"]))
 
             for widget in widgets:
                 if widget.type == "big_table":
@@ -348,6 +355,7 @@ def detect_drift(
     ``title`` heads the report (see :class:`RunLabel`); its column table lists drifted columns first.
     """
     from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import DriftedColumnsCount, ValueDrift
 
     ReportTitle, DriftedFirstPreset = _report_parts()
     _register_stattests()
@@ -360,54 +368,32 @@ def detect_drift(
     definition = DataDefinition(numerical_columns=numerical, categorical_columns=categorical)
 
     def dataset(table: pd.DataFrame):
-        frame = table[names].copy()
-        for name in categorical:
-            frame[name] = frame[name].astype(str)
-        return Dataset.from_pandas(frame, data_definition=definition)
+        return Dataset.from_pandas(table[names].astype(dict.fromkeys(categorical, str)), data_definition=definition)
 
-    report = Report(
-        [
-            *([ReportTitle(text=title)] if title else []),
-            DriftedFirstPreset(
-                columns=names,
-                drift_share=params.drift_share,
-                num_method=NUMERICAL_STATTEST,
-                cat_method=CATEGORICAL_STATTEST,
-                threshold=params.stattest_threshold,
-            ),
-        ],
-        include_tests=True,
+    preset = DriftedFirstPreset(
+        columns=names,
+        drift_share=params.drift_share,
+        num_method=NUMERICAL_STATTEST,
+        cat_method=CATEGORICAL_STATTEST,
+        threshold=params.stattest_threshold,
     )
+    report = Report([*([ReportTitle(text=title)] if title else []), preset], include_tests=True)
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         # Evidently correlates every pair of columns for its plots; constant ones warn, harmlessly.
         warnings.simplefilter("ignore", RuntimeWarning)
         snapshot = report.run(current_data=dataset(current), reference_data=dataset(reference))
-    payload = snapshot.dict()
-    scores: dict[str, tuple[str, float, float | None]] = {}
-    for metric in payload["metrics"]:
-        config = metric.get("config", {})
-        if config.get("type", "").endswith("ValueDrift"):
-            value = metric.get("value")
-            score = float(value) if value is not None and math.isfinite(float(value)) else None
-            scores[config["column"]] = (str(config.get("method")), float(config.get("threshold")), score)
-    verdicts: dict[str, bool] = {}
-    dataset_drift = None
-    for test in payload.get("tests", []):
-        params_ = test.get("metric_config", {}).get("params", {})
-        if params_.get("type", "").endswith("ValueDrift"):
-            verdicts[params_["column"]] = test.get("status") == "FAIL"
-        elif params_.get("type", "").endswith("DriftedColumnsCount"):
-            dataset_drift = test.get("status") == "FAIL"  # "share of drifted columns less than drift_share"
-    absent = [n for n in names if n not in scores or n not in verdicts]
-    if absent or dataset_drift is None:
-        raise SkinriskError(
-            f"the Evidently report has no drift verdict for {absent or 'the dataset'}; is evidently==0.7.23 installed?"
-        )
-    columns = {
-        name: ColumnDrift(tested[name], scores[name][0], scores[name][1], scores[name][2], verdicts[name])
-        for name in names
-    }
-    return DriftResult(columns, skipped, params.drift_share, dataset_drift, snapshot)
+    # The preset's results: each column's p-value and test, and the dataset's test ("share of
+    # drifted columns less than drift_share"); a failed test is drift.
+    columns, dataset_drift = {}, None
+    for metric in preset.metrics(snapshot.context):
+        result = snapshot.context.get_metric_result(metric)
+        failed = any(test.status == "FAIL" for test in result.tests)
+        if isinstance(metric, ValueDrift):
+            group = tested[metric.column]
+            columns[metric.column] = ColumnDrift(group, metric.method, metric.threshold, _score(result.value), failed)
+        elif isinstance(metric, DriftedColumnsCount):
+            dataset_drift = failed
+    return DriftResult({name: columns[name] for name in names}, skipped, params.drift_share, dataset_drift, snapshot)
 
 
 def column_drift(
@@ -427,32 +413,15 @@ def column_drift(
     for name, group in tested.items():
         categorical = name in CATEGORICAL_COLUMNS
         kind = ColumnType.Categorical if categorical else ColumnType.Numerical
-        ref = reference[name].replace([np.inf, -np.inf], np.nan).dropna()
-        cur = current[name].replace([np.inf, -np.inf], np.nan).dropna()
+        method = CATEGORICAL_STATTEST if categorical else NUMERICAL_STATTEST
+        ref, cur = _finite(reference[name]), _finite(current[name])
         if categorical:
             ref, cur = ref.astype(str), cur.astype(str)
-        method = CATEGORICAL_STATTEST if categorical else NUMERICAL_STATTEST
-        test = get_stattest(ref, cur, kind, method)
-        result = test(ref, cur, kind, params.stattest_threshold)
-        score = float(result.drift_score)
+        result = get_stattest(ref, cur, kind, method)(ref, cur, kind, params.stattest_threshold)
         columns[name] = ColumnDrift(
-            group, method, params.stattest_threshold, score if math.isfinite(score) else None, bool(result.drifted)
+            group, method, params.stattest_threshold, _score(result.drift_score), bool(result.drifted)
         )
     return DriftResult(columns, skipped, params.drift_share)
-
-
-# --- retraining ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RetrainingOutcome:
-    """What became of a retraining request, for the summary, the MLflow tags and the console."""
-
-    requested: bool
-    triggered: bool
-    deployment: str
-    message: str
-    flow_run_id: str | None = None
 
 
 # --- history: the Evidently workspace --------------------------------------------------------
@@ -488,8 +457,7 @@ def model_version(model: Bundle | Path | str, fingerprint: str) -> str:
         return weights
     text = str(model)
     if not text.startswith("models:/"):
-        is_uri = "://" in text or text.startswith("runs:/")
-        return f"{text if is_uri else Path(text).name}, {weights}"
+        return f"{text if is_model_uri(text) else Path(text).name}, {weights}"
     ref = text.removeprefix("models:/")
     name, _, version = ref.partition("/")
     if version.isdigit():
@@ -618,6 +586,17 @@ def titled_html(snapshot, title: str) -> str:
 
 
 @dataclass(frozen=True)
+class RetrainingOutcome:
+    """What became of a retraining request, for the summary, the MLflow tags and the console."""
+
+    requested: bool
+    triggered: bool
+    deployment: str
+    message: str
+    flow_run_id: str | None = None
+
+
+@dataclass(frozen=True)
 class MonitorResult:
     summary_path: str
     report_html: str
@@ -659,10 +638,6 @@ def _resolve_bundle(model: Bundle | Path | str, reference: ReferenceProfile) -> 
     return reference.bundle(load_model(Path(model)))
 
 
-def _json_number(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
 def monitor_batch(
     reference_path: Path,
     model: Bundle | Path | str,
@@ -688,14 +663,13 @@ def monitor_batch(
     history that ``out_dir``'s files (the latest batch) are not.
     """
     from tasks.images import decode_images
+    from tasks.tracking import owned_run
 
     reference_path, batch, out_dir = Path(reference_path), Path(batch), Path(out_dir)
     created_at = datetime.now(UTC).replace(microsecond=0)
     if not batch.exists():  # before a monitoring run is opened for it
         raise DataError(f"batch {batch} not found: give a folder of images (with metadata) or a cases CSV")
     reference = ReferenceProfile.load(reference_path)
-    from tasks.tracking import owned_run
-
     owns_run = run_id is None and track
     if owns_run:
         run_id = start_monitoring_run(batch, reference_path, params)
@@ -716,19 +690,17 @@ def monitor_batch(
             )
         with tempfile.TemporaryDirectory(prefix="skinrisk-monitor-") as scratch:
             cases = read_batch(batch, Path(scratch), images_dir)
-            frame, paths = cases.frame, cases.paths
-            n_received = len(frame)
+            frame = cases.frame
             if bundle.encoder.missing_policy == "drop":  # as the model was trained: no case without an age
                 frame = frame.loc[frame["age"].notna()]
-            n_with_age = len(frame)
             if frame.empty:
-                raise DataError(f"{batch}: no case left to monitor ({n_received} received, none with an age)")
+                raise DataError(f"{batch}: no case left to monitor ({len(cases.frame)} received, none with an age)")
+            n_dropped = len(cases.frame) - len(frame)
             frame = frame.iloc[one_per_lesion(frame["lesion_id"], params.seed)]
-            paths = [paths[i] for i in frame.index]
+            paths = [cases.paths[i] for i in frame.index]
             frame = frame.reset_index(drop=True)
-            sizes = original_sizes(paths)
             images = decode_images(paths, reference.image_size, workers=1 if len(paths) < 400 else 0)
-        current = profile_batch(reference, bundle, frame, images, sizes)
+            current = profile_batch(reference, bundle, frame, images, original_sizes(paths))
         label = RunLabel(batch.name, model_version(model, fingerprint), created_at)
         drift = detect_drift(reference.table, current, reference.groups, params, title=label.title)
 
@@ -776,15 +748,12 @@ def monitor_batch(
                 "model_fingerprint": fingerprint,
                 "model_version": label.model_version,
                 "title": label.title,
-                "n_images": n_received,
-                "n_dropped_without_age": n_received - n_with_age,
+                "n_images": len(cases.frame),
+                "n_dropped_without_age": n_dropped,
                 "n_tested": len(frame),  # one image per lesion (see one_per_lesion)
                 "n_reference": len(reference.table),
                 "stattest_threshold": params.stattest_threshold,
-                "columns": {
-                    name: {**asdict(column), "score": _json_number(column.score)}
-                    for name, column in drift.columns.items()
-                },
+                "columns": {name: asdict(column) for name, column in drift.columns.items()},
                 "skipped_columns": drift.skipped,
                 "groups": drift.group_summary(),
                 "n_columns": drift.n_columns,
@@ -801,20 +770,14 @@ def monitor_batch(
             }
         )
         write_json(out_dir / SUMMARY_FILE, summary)
-
         if run_id:
             _log_to_mlflow(run_id, summary, out_dir)
+    headline = ("n_images", "n_tested", "n_columns", "n_drifted", "drifted_share", "drifted_columns", "alarm")
     return MonitorResult(
         summary_path=str(out_dir / SUMMARY_FILE),
         report_html=str(out_dir / REPORT_HTML),
         report_json=str(out_dir / REPORT_JSON),
-        n_images=n_received,
-        n_tested=len(frame),
-        n_columns=drift.n_columns,
-        n_drifted=drift.n_drifted,
-        drifted_share=drift.drifted_share,
-        drifted_columns=drift.drifted_columns,
-        alarm=drift.alarm,
+        **{key: summary[key] for key in headline},
         reason=reason,
         retraining=outcome,
         run_id=run_id,
@@ -835,7 +798,7 @@ def _log_to_mlflow(run_id: str, summary: dict, out_dir: Path) -> None:
         "drifted_share_by_group": {g: info["drifted_share"] for g, info in summary["groups"].items()},
         "drift_score": {name: column["score"] for name, column in summary["columns"].items()},
     }
-    log_metrics(run_id, {k: v for k, v in metrics.items() if v is not None})
+    log_metrics(run_id, metrics)  # undefined scores (None) are not logged
     retraining = summary["retraining"]
     set_tags(
         run_id,
@@ -847,20 +810,15 @@ def _log_to_mlflow(run_id: str, summary: dict, out_dir: Path) -> None:
             "retrain_deployment": retraining["deployment"],
             "model_fingerprint": summary["model_fingerprint"],
             "model_version": summary["model_version"],
-            **({"evidently_snapshot_id": summary["evidently"]["snapshot_id"]} if summary.get("evidently") else {}),
+            **({"evidently_snapshot_id": summary["evidently"]["snapshot_id"]} if summary["evidently"] else {}),
         },
     )
     log_artifacts(run_id, [out_dir / SUMMARY_FILE, out_dir / REPORT_JSON, out_dir / REPORT_HTML], artifact_path="drift")
 
 
 def _drifted_first(columns: dict[str, dict]) -> list[tuple[str, dict]]:
-    """Summary columns as the report lists them: drifted first, then by p-value (undefined last)."""
-
-    def order(item: tuple[str, dict]) -> tuple[bool, float]:
-        score = item[1]["score"]
-        return not item[1]["drifted"], math.inf if score is None else score
-
-    return sorted(columns.items(), key=order)
+    """Summary columns as the report lists them (see _reading_order)."""
+    return sorted(columns.items(), key=lambda item: _reading_order(item[1]["drifted"], item[1]["score"]))
 
 
 def format_drift_summary(summary: dict) -> str:
@@ -902,23 +860,3 @@ def read_summary(path: Path) -> dict:
     if not path.exists():
         raise SkinriskError(f"{path} not found: run the monitoring first")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-__all__ = [
-    "EVIDENTLY_PROJECT",
-    "MONITORING_EXPERIMENT",
-    "REFERENCE_FILE",
-    "DriftResult",
-    "MonitorResult",
-    "ReferenceProfile",
-    "RetrainingOutcome",
-    "RunLabel",
-    "add_to_workspace",
-    "column_drift",
-    "detect_drift",
-    "drift_dashboard",
-    "format_drift_summary",
-    "image_statistics",
-    "model_version",
-    "monitor_batch",
-]

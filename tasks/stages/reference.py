@@ -28,17 +28,12 @@ def build_reference_profile(
     raw_dir: Path | None = None,
     run_id: str | None = None,
 ) -> Path:
-    """Build the reference profile from up to ``params.reference_size`` training cases; returns ``out_path``.
+    """Build the reference profile from up to ``params.reference_size`` training lesions; returns ``out_path``.
 
-    With ``run_id`` the profile is logged to that MLflow run (``monitoring/``), as the model's
-    drift reference, whichever orchestrator runs the stage.
-
-    One image per training lesion (see :func:`one_per_lesion`), then a seeded sample of
-    ``params.reference_size`` lesions when there are more. Reads the training split (images as
-    the model saw them), ``cases.csv`` (raw age, sex and site), ``encoder.json`` and
-    ``preprocess.json``. With ``raw_dir`` (the import the data was
-    preprocessed from) the original image sizes are profiled too, and drift in them is then
-    monitored. The sample is drawn with ``params.seed``.
+    Reads the training split (images as the model saw them), ``cases.csv`` (raw age, sex and site),
+    ``encoder.json`` and ``preprocess.json``. With ``raw_dir`` (the import the data was preprocessed
+    from) the original image sizes are profiled, and so monitored, too. With ``run_id`` the profile
+    is logged to that MLflow run (``monitoring/``) as the model's drift reference.
     """
     from tasks.dataset import load_split
     from tasks.schema import CASES_FILE, raw_image_path
@@ -55,11 +50,11 @@ def build_reference_profile(
     if missing:
         raise DataError(f"{cases_path} lacks {len(missing)} training image(s), e.g. {missing[:5]}; rerun preprocess")
 
-    # One image per lesion (see one_per_lesion), then at most reference_size of them.
-    rows = one_per_lesion(cases.loc[train_ids, "lesion_id"].to_numpy(), params.seed)
-    rng = np.random.default_rng(params.seed)
+    # One image per lesion (see one_per_lesion), then a seeded sample of reference_size of them.
+    lesions = cases.loc[train_ids, "lesion_id"]
+    rows = one_per_lesion(lesions.to_numpy(), params.seed)
     if len(rows) > params.reference_size:
-        rows = np.sort(rng.choice(rows, size=params.reference_size, replace=False))
+        rows = np.sort(np.random.default_rng(params.seed).choice(rows, size=params.reference_size, replace=False))
     image_ids = train_ids[rows]
     frame = cases.loc[image_ids, ["age", "sex", "localization"]].reset_index()
 
@@ -80,7 +75,7 @@ def build_reference_profile(
             "model_path": str(model_path),
             "processed_dir": str(processed_dir),
             "n_training_images": len(train),
-            "n_training_lesions": int(cases.loc[train_ids, "lesion_id"].nunique()),
+            "n_training_lesions": int(lesions.nunique()),
             "original_sizes": sizes is not None,
         },
     )
