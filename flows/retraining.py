@@ -4,6 +4,9 @@ trigger that starts its deployment when the monitor raises a drift alarm."""
 from __future__ import annotations
 
 from prefect import flow
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import get_current_settings
 
 from flows.promotion import promotion_flow
 from flows.training import training_pipeline
@@ -22,15 +25,7 @@ def retraining_flow(
     synthetic_dir: str = str(paths.SYNTHETIC_DIR),
 ) -> dict:
     """Train and register a challenger, then let the promotion gates decide on it."""
-    trained = training_pipeline(
-        params_file=params_file,
-        overrides=overrides,
-        raw_dir=raw_dir,
-        processed_dir=processed_dir,
-        model_dir=model_dir,
-        reports_dir=reports_dir,
-        synthetic_dir=synthetic_dir,
-    )
+    trained = training_pipeline(params_file, overrides, raw_dir, processed_dir, model_dir, reports_dir, synthetic_dir)
     decision = promotion_flow(
         params_file=params_file, overrides=overrides, processed_dir=processed_dir, raw_dir=raw_dir
     )
@@ -44,54 +39,37 @@ def trigger_retraining(deployment: str, reason: str) -> RetrainingOutcome:
     Never raises for a missing deployment or Prefect API: the outcome says what happened, so a
     monitoring run still completes and records the alarm.
     """
-    try:
-        from prefect.deployments import run_deployment
-        from prefect.exceptions import ObjectNotFound
-        from prefect.settings import get_current_settings
-    except ImportError:  # pragma: no cover - prefect is a dependency
-        return RetrainingOutcome(True, False, deployment, "Prefect is not installed: no deployment to trigger")
+
+    def not_triggered(message: str) -> RetrainingOutcome:
+        return RetrainingOutcome(requested=True, triggered=False, deployment=deployment, message=message)
+
     api_url = get_current_settings().api.url
     if not api_url:
-        return RetrainingOutcome(
-            True,
-            False,
-            deployment,
+        return not_triggered(
             f"no deployment: PREFECT_API_URL is not set, so no Prefect server holds deployment {deployment!r}; "
-            "retraining was not triggered (start the server in infra/, deploy the training flow, or retrain by hand)",
+            "retraining was not triggered (start the server in infra/, deploy the training flow, or retrain by hand)"
         )
     if "/" not in deployment:
-        return RetrainingOutcome(
-            True,
-            False,
-            deployment,
-            f"no deployment: monitor.retrain_deployment={deployment!r} is not of the form 'flow-name/deployment-name'",
+        return not_triggered(
+            f"no deployment: monitor.retrain_deployment={deployment!r} is not of the form 'flow-name/deployment-name'"
         )
     try:
         flow_run = run_deployment(
-            name=deployment,
-            timeout=0,
-            tags=["skinrisk-monitoring", "drift-alarm"],
-            as_subflow=False,
+            name=deployment, timeout=0, tags=["skinrisk-monitoring", "drift-alarm"], as_subflow=False
         )
     except ObjectNotFound:
-        return RetrainingOutcome(
-            True,
-            False,
-            deployment,
+        return not_triggered(
             f"no deployment named {deployment!r} is deployed on the Prefect API at {api_url}: retraining was not "
-            "triggered (deploy the training flow under that name, or set monitor.retrain_deployment)",
+            "triggered (deploy the training flow under that name, or set monitor.retrain_deployment)"
         )
     except Exception as exc:  # an unreachable or failing API raises many types
-        return RetrainingOutcome(
-            True,
-            False,
-            deployment,
-            f"no deployment could be triggered: the Prefect API at {api_url} failed ({type(exc).__name__}: {exc})",
+        return not_triggered(
+            f"no deployment could be triggered: the Prefect API at {api_url} failed ({type(exc).__name__}: {exc})"
         )
     return RetrainingOutcome(
-        True,
-        True,
-        deployment,
-        f"triggered deployment {deployment!r}: flow run {flow_run.name} ({flow_run.id}) because {reason}",
-        str(flow_run.id),
+        requested=True,
+        triggered=True,
+        deployment=deployment,
+        message=f"triggered deployment {deployment!r}: flow run {flow_run.name} ({flow_run.id}) because {reason}",
+        flow_run_id=str(flow_run.id),
     )

@@ -50,13 +50,7 @@ def retry_unless_unreachable(task, task_run, state) -> bool:
     """Retry a failed tracking task, except when the server is down: that fails the run at once."""
     from tasks.tracking import TrackingUnavailable
 
-    try:
-        state.result()
-    except TrackingUnavailable:
-        return False
-    except Exception:
-        return True
-    return True
+    return not isinstance(state.result(raise_on_failure=False), TrackingUnavailable)
 
 
 @task(name="check-tracking", cache_policy=NO_CACHE)
@@ -79,8 +73,7 @@ def ensure_data(raw_dir: str, synthetic_dir: str, params: DataParams) -> str:
 def validate(raw_dir: str, reports_dir: str, params: ValidateParams) -> str:
     from tasks.stages.validate import validate_raw
 
-    summary = validate_raw(Path(raw_dir), Path(reports_dir), params)
-    return str(summary.report_json)
+    return str(validate_raw(Path(raw_dir), Path(reports_dir), params).report_json)
 
 
 @task(name="preprocess", task_run_name="preprocess {raw_dir}", cache_policy=NO_CACHE)
@@ -90,13 +83,7 @@ def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params: Prepr
     from tasks.stages.validate import REPORT_JSON, require_validated
 
     require_validated(Path(raw_dir), Path(reports_dir) / REPORT_JSON)
-
-    summary = run_preprocess(
-        Path(raw_dir),
-        Path(processed_dir),
-        params,
-        reports_dir=Path(reports_dir),
-    )
+    summary = run_preprocess(Path(raw_dir), Path(processed_dir), params, reports_dir=Path(reports_dir))
     print(format_counts(summary))
     return processed_dir
 
@@ -111,62 +98,33 @@ def preprocess(raw_dir: str, processed_dir: str, reports_dir: str, params: Prepr
 def start_tracking(raw_dir: str, reports_dir: str, params: Params, source: str) -> str:
     from tasks.runs import start_pipeline_run
 
-    return start_pipeline_run(
-        params,
-        Path(raw_dir),
-        Path(reports_dir),
-        orchestrator="prefect",
-        source=source,
-    )
+    return start_pipeline_run(params, Path(raw_dir), Path(reports_dir), orchestrator="prefect", source=source)
 
 
-@task(
-    name="train", task_run_name="train run {run_id:.8}", cache_policy=NO_CACHE, retries=1
-)  # a retry resumes from the last checkpoint
-def train(
-    processed_dir: str,
-    model_dir: str,
-    reports_dir: str,
-    params: TrainParams,
-    run_id: str,
-) -> str:
+# a retry resumes from the last checkpoint
+@task(name="train", task_run_name="train run {run_id:.8}", cache_policy=NO_CACHE, retries=1)
+def train(processed_dir: str, model_dir: str, reports_dir: str, params: TrainParams, run_id: str) -> str:
     from tasks.stages.train import train as run_train
 
-    result = run_train(
-        Path(processed_dir),
-        Path(model_dir),
-        Path(reports_dir),
-        params,
-        run_id=run_id,
-    )
-    return result.model_path
+    return run_train(Path(processed_dir), Path(model_dir), Path(reports_dir), params, run_id=run_id).model_path
 
 
 @task(name="evaluate", task_run_name="evaluate run {run_id:.8}", cache_policy=NO_CACHE)
 def evaluate(
-    model_path: str,
-    processed_dir: str,
-    reports_dir: str,
-    model_dir: str,
-    params: EvaluateParams,
-    run_id: str,
+    model_path: str, processed_dir: str, reports_dir: str, model_dir: str, params: EvaluateParams, run_id: str
 ) -> dict:
     from tasks.metrics import headline_figures
     from tasks.stages.evaluate import evaluate as run_evaluate
 
     metrics = run_evaluate(
-        Path(model_path),
-        Path(processed_dir),
-        Path(reports_dir),
-        Path(model_dir),
-        params,
-        run_id=run_id,
+        Path(model_path), Path(processed_dir), Path(reports_dir), Path(model_dir), params, run_id=run_id
     )
-    rows = [{"metric": name, "value": rounded(value)} for name, value in headline_figures(metrics).items()]
+    headline = headline_figures(metrics)
+    rows = [{"metric": name, "value": rounded(value)} for name, value in headline.items()]
     create_table_artifact(
         key="skinrisk-test-metrics", table=rows, description=f"Test-split figures of this run. {mlflow_link(run_id)}"
     )
-    return headline_figures(metrics)
+    return headline
 
 
 @task(name="explain", task_run_name="explain run {run_id:.8}", cache_policy=NO_CACHE)
@@ -180,33 +138,18 @@ def explain(model_path: str, processed_dir: str, reports_dir: str, params: Expla
 
 @task(name="reference", task_run_name="reference run {run_id:.8}", cache_policy=NO_CACHE)
 def reference_profile(
-    model_path: str,
-    processed_dir: str,
-    raw_dir: str,
-    model_dir: str,
-    params: MonitorParams,
-    run_id: str,
+    model_path: str, processed_dir: str, raw_dir: str, model_dir: str, params: MonitorParams, run_id: str
 ) -> str:
     from tasks.drift_profile import REFERENCE_FILE
     from tasks.stages.reference import build_reference_profile
 
-    out = build_reference_profile(
-        Path(model_path),
-        Path(processed_dir),
-        Path(model_dir) / REFERENCE_FILE,
-        params,
-        raw_dir=Path(raw_dir),
-        run_id=run_id,
-    )
+    out = Path(model_dir) / REFERENCE_FILE
+    build_reference_profile(Path(model_path), Path(processed_dir), out, params, raw_dir=Path(raw_dir), run_id=run_id)
     return str(out)
 
 
 @task(
-    name="register",
-    task_run_name="register run {run_id:.8}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=5,
+    name="register", task_run_name="register run {run_id:.8}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5
 )
 def register(model_path: str, processed_dir: str, model_dir: str, reports_dir: str, run_id: str) -> str:
     from tasks.stages.register import register as run_register

@@ -70,22 +70,17 @@ def start_pipeline_run(params: Params, raw_dir: Path, reports_dir: Path, *, orch
 
     reports_dir = Path(reports_dir)
     report = reports_dir / VALIDATION_REPORT
+    experiment = os.environ.get("DVC_EXP_NAME")  # set by `dvc exp run`: the run keeps its name
     tags = {
         DATA_VERSION_TAG: data_version(Path(raw_dir)),
         "data_source": source,
         "orchestrator": orchestrator,
         "target": params.train.target,
         **validation_tags(report),
+        **({"dvc_experiment": experiment} if experiment else {}),
     }
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    name = os.environ.get("DVC_EXP_NAME") or run_name(orchestrator, tags[DATA_VERSION_TAG])
-    run_id = start_run(name, params.flat(), tags)
-    log_artifacts(
-        run_id,
-        [report, report.with_suffix(".md"), reports_dir / "preprocess.json"],
-        artifact_path="data",
-    )
+    run_id = start_run(experiment or run_name(orchestrator, tags[DATA_VERSION_TAG]), params.flat(), tags)
+    log_artifacts(run_id, [report, report.with_suffix(".md"), reports_dir / "preprocess.json"], artifact_path="data")
     site = data_docs_site(report)
     if site is not None:
         log_artifacts(run_id, [site], artifact_path=DATA_DOCS_ARTIFACTS)

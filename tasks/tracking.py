@@ -10,9 +10,7 @@ be sent after a few quick retries are appended to the run's spool (``.mlflow-spo
 ``SKINRISK_TRACKING_SPOOL`` moves it) and sent, in order, by the next successful call for that run
 or at :func:`end_run`; :func:`flush_spool` sends them by hand.
 
-What a person sees when comparing runs: metric keys say where a figure comes from (per-epoch
-training curves as Keras names them, ``val_*`` on the validation split, ``test_*`` on the test
-split), each run lists the splits it read as datasets, and the experiment carries a description.
+What a person sees when comparing runs is the experiment's description, EXPERIMENT_DESCRIPTION below.
 """
 
 from __future__ import annotations
@@ -24,7 +22,6 @@ import math
 import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -33,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tasks.atomic import write_text
 from tasks.errors import SkinriskError
 
 EXPERIMENT = "skinrisk"
@@ -60,7 +58,6 @@ EXPERIMENT_DESCRIPTION = (
     "training, validation and test case tables; the figures to compare (confusion_matrix.png, "
     "reliability.png, training_curves.png, metrics.json) sit at the artifact root."
 )
-_DESCRIPTIONS = {EXPERIMENT: EXPERIMENT_DESCRIPTION}
 
 log = logging.getLogger(__name__)
 _lock = threading.RLock()  # one logging call (and its spool) at a time in this process
@@ -76,14 +73,13 @@ def tracking_uri() -> str:
 
 
 def client():
-    """An ``MlflowClient`` on :func:`tracking_uri`, with a clear error if the server is down."""
+    """An ``MlflowClient`` on :func:`tracking_uri`, with MLflow's fluent API pointed there too."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _unreachable(uri: str, reason: str) -> TrackingUnavailable:
@@ -131,15 +127,12 @@ def experiment_id(name: str = EXPERIMENT) -> str:
             f"MLflow tracking at {tracking_uri()} is unreachable ({exc}); start the server or "
             "unset MLFLOW_TRACKING_URI to use the local SQLite store"
         ) from exc
-    description = _DESCRIPTIONS.get(name)
+    tags = {NOTE_TAG: EXPERIMENT_DESCRIPTION} if name == EXPERIMENT else {}
     if existing is not None:
-        if description and not existing.tags.get(NOTE_TAG):  # never overwrite one edited in the UI
-            mlflow_client.set_experiment_tag(existing.experiment_id, NOTE_TAG, description)
+        if tags and not existing.tags.get(NOTE_TAG):  # never overwrite one edited in the UI
+            mlflow_client.set_experiment_tag(existing.experiment_id, NOTE_TAG, EXPERIMENT_DESCRIPTION)
         return existing.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:"):
-        location = DEFAULT_ARTIFACTS.resolve().as_uri()
-    tags = {NOTE_TAG: description} if description else None
+    location = DEFAULT_ARTIFACTS.resolve().as_uri() if tracking_uri().startswith("sqlite:") else None
     return mlflow_client.create_experiment(name, artifact_location=location, tags=tags)
 
 
@@ -148,22 +141,13 @@ def git_tags() -> dict[str, str]:
 
     Asked of the checkout holding this code, not of the working directory (runs often work elsewhere).
     """
-    source = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=source,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+        import git  # GitPython, an MLflow dependency (its import fails without a git executable)
+
+        with git.Repo(Path(__file__).resolve().parents[1], search_parent_directories=True) as repo:
+            return {"mlflow.source.git.commit": repo.head.commit.hexsha, "git_dirty": str(repo.is_dirty()).lower()}
+    except Exception:  # no git, no checkout (an installed copy), or a checkout without a commit yet
         return {}
-    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower()}
 
 
 def start_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str], experiment: str = EXPERIMENT) -> str:
@@ -179,9 +163,8 @@ def start_run(run_name: str, params: Mapping[str, Any], tags: Mapping[str, str],
     run = mlflow_client.create_run(
         experiment_id(experiment), run_name=run_name, tags={**git_tags(), **tags, **_working_tags()}
     )
-    entries = [Param(key, str(value)[:6000]) for key, value in params.items()]
-    for start in range(0, len(entries), 100):  # MLflow's batch limit
-        mlflow_client.log_batch(run.info.run_id, params=entries[start : start + 100])
+    # MLflow splits the batch into requests of its limit (100 params); values are capped at its 6000 characters
+    mlflow_client.log_batch(run.info.run_id, params=[Param(key, str(value)[:6000]) for key, value in params.items()])
     return run.info.run_id
 
 
@@ -276,11 +259,8 @@ def log_datasets(run_id: str, datasets: Mapping[str, Any]) -> None:
     """Log MLflow datasets (``mlflow.data.from_pandas``...) as the run's inputs, keyed by their context
     (``training``, ``validation``, ``test``): by run id, as the fluent ``mlflow.log_input`` needs an
     active run. Logging the same dataset again adds nothing; spooled if the server cannot take it."""
-    entries = []
-    for context, dataset in datasets.items():
-        entity = dataset._to_mlflow_entity()  # MLflow's own conversion, what mlflow.log_input sends
-        fields = {f: getattr(entity, f) for f in ("name", "digest", "source_type", "source", "schema", "profile")}
-        entries.append({"dataset": fields, "context": context})
+    # MLflow's own conversion (what mlflow.log_input sends), as a dict the spool can keep
+    entries = [{"dataset": d._to_mlflow_entity().to_dictionary(), "context": c} for c, d in datasets.items()]
     _deliver(run_id, [{"kind": "datasets", "datasets": entries}] if entries else [])
 
 
@@ -292,21 +272,27 @@ def spool_dir(run_id: str) -> Path:
     return Path(os.environ.get("SKINRISK_TRACKING_SPOOL") or DEFAULT_SPOOL).resolve() / run_id
 
 
+def _spooled(run_id: str) -> list[dict]:
+    """The run's spooled records, oldest first."""
+    path = spool_dir(run_id) / SPOOL_FILE
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def pending(run_id: str) -> int:
     """How many spooled records of the run are waiting to be sent."""
-    path = spool_dir(run_id) / SPOOL_FILE
-    return len(_read_records(path)) if path.exists() else 0
+    return len(_spooled(run_id))
 
 
 @contextlib.contextmanager
-def _http_limits(max_retries: int = 0, timeout: int = REQUEST_TIMEOUT_S) -> Iterator[None]:
+def _http_limits() -> Iterator[None]:
     """Bound MLflow's own HTTP retries (7, with backoff: minutes) while we retry and spool ourselves.
 
     MLflow reads these variables at each request; the module lock keeps the change to our calls.
     """
-    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(max_retries), "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout)}
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ.update(keys)
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
+    saved = {key: os.environ.get(key) for key in limits}
+    os.environ.update(limits)
     try:
         yield
     finally:
@@ -323,10 +309,8 @@ def _transient(exc: BaseException) -> bool:
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):  # connection errors and timeouts arrive as INTERNAL_ERROR
-        return exc.get_http_status_code() >= 500 or exc.error_code in (
-            "TEMPORARILY_UNAVAILABLE",
-            "REQUEST_LIMIT_EXCEEDED",
-        )
+        retryable = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+        return exc.get_http_status_code() >= 500 or exc.error_code in retryable
     if isinstance(exc, requests.HTTPError):  # proxied artifact uploads
         return exc.response is None or exc.response.status_code >= 500
     return isinstance(exc, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError)
@@ -338,16 +322,15 @@ def _send(mlflow_client, run_id: str, record: dict, root: Path) -> None:
 
     if record["kind"] == "metrics":
         mlflow_client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]])
-        return
-    if record["kind"] == "datasets":
+    elif record["kind"] == "datasets":
         inputs = [
-            DatasetInput(Dataset(**entry["dataset"]), tags=[InputTag(MLFLOW_DATASET_CONTEXT, entry["context"])])
+            DatasetInput(
+                Dataset.from_dictionary(entry["dataset"]), [InputTag(MLFLOW_DATASET_CONTEXT, entry["context"])]
+            )
             for entry in record["datasets"]
         ]
         mlflow_client.log_inputs(run_id, datasets=inputs)
-        return
-    local = root / record["local"]  # an absolute path stays as it is
-    if local.is_dir():
+    elif (local := root / record["local"]).is_dir():  # an absolute path stays as it is
         mlflow_client.log_artifacts(run_id, str(local), artifact_path=record["artifact_path"])
     elif local.is_file():
         mlflow_client.log_artifact(run_id, str(local), artifact_path=record["artifact_path"])
@@ -365,14 +348,8 @@ def _send_with_retries(mlflow_client, run_id: str, record: dict, root: Path, att
             time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
 
 
-def _read_records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_records(path: Path, records: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+def _jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
 
 
 def _spool(run_id: str, records: list[dict], reason: BaseException) -> None:
@@ -389,7 +366,7 @@ def _spool(run_id: str, records: list[dict], reason: BaseException) -> None:
             record = {**record, "local": str(copy.relative_to(root))}
         kept.append(record)
     with open(root / SPOOL_FILE, "a", encoding="utf-8") as spool:
-        spool.writelines(json.dumps(r) + "\n" for r in kept)
+        spool.write(_jsonl(kept))
     log.warning(
         "MLflow tracking at %s did not take %d record(s) for run %s (%s); kept in %s, to be sent by the next "
         "successful call for this run",
@@ -403,22 +380,21 @@ def _spool(run_id: str, records: list[dict], reason: BaseException) -> None:
 
 def _flush(mlflow_client, run_id: str, attempts: int) -> bool:
     """Send the run's spooled records in order; returns whether none is left."""
-    root = spool_dir(run_id)
-    path = root / SPOOL_FILE
-    if not path.exists():
+    records = _spooled(run_id)
+    if not records:
         return True
     try:
         check_reachable(timeout=2.0)  # still down: spool at once instead of waiting on retries
     except TrackingUnavailable:
         return False
-    records = _read_records(path)
+    root = spool_dir(run_id)
     for index, record in enumerate(records):
         try:
             _send_with_retries(mlflow_client, run_id, record, root, attempts)
         except Exception as exc:
             if not _transient(exc):
                 raise
-            _write_records(path, records[index:])
+            write_text(root / SPOOL_FILE, _jsonl(records[index:]))
             return False
     shutil.rmtree(root)
     log.warning("sent %d spooled record(s) to run %s", len(records), run_id)
@@ -452,9 +428,10 @@ def flush_spool(run_id: str) -> int:
 
 
 def set_tags(run_id: str, tags: Mapping[str, str]) -> None:
-    mlflow_client = client()
-    for key, value in tags.items():
-        mlflow_client.set_tag(run_id, key, value)
+    """Set the run's tags, in one request."""
+    from mlflow.entities import RunTag
+
+    client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
 # The process working on a run (a pipeline run spans processes under DVC: train opens it, evaluate
@@ -501,6 +478,21 @@ def end_orphaned_runs(experiment: str = EXPERIMENT) -> list[str]:
 
 
 @contextlib.contextmanager
+def _ended_on_failure(run_id: str) -> Iterator[None]:
+    """End the run with :func:`ending_status` if the block fails; a tracking error while ending it
+    must not hide that failure."""
+    try:
+        yield
+    except BaseException as exc:
+        status = ending_status(exc)
+        try:
+            end_run(run_id, status)
+        except Exception:  # the original error is the one to report
+            log.warning("could not mark MLflow run %s %s", run_id, status, exc_info=True)
+        raise
+
+
+@contextlib.contextmanager
 def working_on(run_id: str | None) -> Iterator[None]:
     """A stage working on ``run_id`` (nothing without one): the run records this process while
     it works; a failure ends the run FAILED, an interruption (Ctrl-C, SIGTERM) KILLED; on success
@@ -508,16 +500,11 @@ def working_on(run_id: str | None) -> Iterator[None]:
     if not run_id:
         yield
         return
-    mlflow_client = client()
-    for key, value in _working_tags().items():
-        mlflow_client.set_tag(run_id, key, value)
-    try:
+    set_tags(run_id, _working_tags())
+    with _ended_on_failure(run_id):
         yield
-    except BaseException as exc:
-        _end_quietly(run_id, ending_status(exc))
-        raise
     try:
-        mlflow_client.set_tag(run_id, PID_TAG, "")
+        set_tags(run_id, {PID_TAG: ""})
     except Exception:  # the stage's work is done and logged (or spooled): a lost tag must not fail it
         log.warning("could not mark MLflow run %s idle", run_id, exc_info=True)
 
@@ -529,12 +516,10 @@ def ending_status(exc: BaseException) -> str:
     The one rule for every run: the CLI stages (:func:`working_on`), the Prefect flows and the
     monitoring runs."""
     interrupted: tuple[type[BaseException], ...] = (KeyboardInterrupt, SystemExit)
-    try:
+    with contextlib.suppress(ImportError):  # the served model's environment has no Prefect
         from prefect.exceptions import CancelledRun, TerminationSignal
 
         interrupted += (TerminationSignal, CancelledRun)
-    except ImportError:  # the served model's environment has no Prefect
-        pass
     return "KILLED" if isinstance(exc, interrupted) else "FAILED"
 
 
@@ -545,20 +530,9 @@ def owned_run(run_id: str | None) -> Iterator[None]:
     if not run_id:
         yield
         return
-    try:
+    with _ended_on_failure(run_id):
         yield
-    except BaseException as exc:
-        _end_quietly(run_id, ending_status(exc))
-        raise
     end_run(run_id)
-
-
-def _end_quietly(run_id: str, status: str) -> None:
-    """End the run on the way out of a failure; a tracking error here must not hide that failure."""
-    try:
-        end_run(run_id, status)
-    except Exception:  # the original error is the one to report
-        log.warning("could not mark MLflow run %s %s", run_id, status, exc_info=True)
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:

@@ -28,7 +28,7 @@ from tasks.atomic import write_json
 from tasks.errors import SkinriskError
 from tasks.model_card import CARD_FILE, RegistryFacts, card_sections, fit_description
 from tasks.schema import ENCODER_FILE, PROCESSED_SUMMARY_FILE, read_preprocess_summary
-from tasks.tracking import DATA_VERSION_TAG, MODEL_NAME, client, figure_text, tracking_uri
+from tasks.tracking import DATA_VERSION_TAG, MODEL_NAME, client, end_run, figure_text, log_artifacts, tracking_uri
 
 LOGGED_MODEL_NAME = "model"
 MODEL_DESCRIPTION = (
@@ -95,19 +95,16 @@ def _installed(distribution: str) -> str | None:
 
 def pip_requirements() -> list[str]:
     """The served model's requirements, pinned to the versions installed here."""
-    tensorflow = next((f"{d}=={v}" for d in ("tensorflow-cpu", "tensorflow") if (v := _installed(d))), None)
+    tensorflow = next((d for d in ("tensorflow-cpu", "tensorflow") if _installed(d)), None)
     if tensorflow is None:
         raise SkinriskError("TensorFlow is not installed: install the project (pip install -e .)")
-    pinned = [tensorflow]
     for distribution in SERVING_DISTRIBUTIONS:
-        version = _installed(distribution)
-        if version is None:
+        if _installed(distribution) is None:
             raise SkinriskError(
                 f"{distribution} is not installed, and the served model needs it: "
                 "install the project (pip install -e .)"
             )
-        pinned.append(f"{distribution}=={version}")
-    return pinned
+    return [f"{d}=={_installed(d)}" for d in (tensorflow, *SERVING_DISTRIBUTIONS)]
 
 
 def _metric_tags(metrics: Mapping[str, object] | None) -> dict[str, str]:
@@ -208,7 +205,6 @@ def register_model(
     summary = read_preprocess_summary(processed_dir)
     operating_point = read_operating_point(operating_point_path)
     figures = _metric_tags(metrics)
-    tags = {"run_id": run_id, **figures}
 
     mlflow_client = client()  # also points mlflow's fluent API at tracking_uri()
     try:
@@ -218,10 +214,10 @@ def register_model(
             f"run {run_id!r} is not in the MLflow store at {tracking_uri()}: register from the "
             "run that trained the model (see models/train.json) or check MLFLOW_TRACKING_URI"
         ) from exc
-    if DATA_VERSION_TAG in run.data.tags:
-        tags[DATA_VERSION_TAG] = run.data.tags[DATA_VERSION_TAG]
-    tags["target"] = operating_point["target"]
-    tags["threshold"] = figure_text(float(operating_point["threshold"]))
+    threshold = figure_text(float(operating_point["threshold"]))
+    tags = {"run_id": run_id, **figures, "target": operating_point["target"], "threshold": threshold}
+    if (data_version := run.data.tags.get(DATA_VERSION_TAG)) is not None:
+        tags[DATA_VERSION_TAG] = data_version
 
     with _logging_to(run_id):
         logged = mlflow.pyfunc.log_model(
@@ -240,11 +236,10 @@ def register_model(
             pip_requirements=pip_requirements(),
         )
     version = mlflow.register_model(logged.model_uri, name, tags=tags)
+    number = str(version.version)
     if not mlflow_client.get_registered_model(name).description:  # never overwrite one edited in the UI
         mlflow_client.update_registered_model(name, description=MODEL_DESCRIPTION)
-    headline = version_description(
-        {**figures, "threshold": tags["threshold"]}, run_id, run.info.run_name, tags.get(DATA_VERSION_TAG)
-    )
+    headline = version_description({**figures, "threshold": threshold}, run_id, run.info.run_name, data_version)
     sections = card_sections(
         evaluation or {},
         summary,
@@ -252,30 +247,24 @@ def register_model(
         training or {},
         RegistryFacts(
             name=name,
-            version=str(version.version),
+            version=number,
             run_id=run_id,
             run_name=run.info.run_name,
-            data_version=tags.get(DATA_VERSION_TAG),
+            data_version=data_version,
             data_source=run.data.tags.get("data_source"),
             date=datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d"),
         ),
         lead=headline,
     )
     _log_card(run_id, "\n\n".join(sections) + "\n")
-    full_card = (
-        f"the artifact `{CARD_FILE}` of run {run_id}, or `skinrisk model-card --model models:/{name}/{version.version}`"
-    )
+    full_card = f"the artifact `{CARD_FILE}` of run {run_id}, or `skinrisk model-card --model models:/{name}/{number}`"
     mlflow_client.update_model_version(
-        name, version.version, description=fit_description(sections, DESCRIPTION_LIMIT, full_card)
+        name, number, description=fit_description(sections, DESCRIPTION_LIMIT, full_card)
     )
-    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    mlflow_client.set_registered_model_alias(name, alias, number)
 
     registration = Registration(
-        name=name,
-        version=str(version.version),
-        alias=alias,
-        model_uri=f"models:/{name}/{version.version}",
-        run_id=run_id,
+        name=name, version=number, alias=alias, model_uri=f"models:/{name}/{number}", run_id=run_id
     )
     if out_file is not None:
         write_json(Path(out_file), asdict(registration))
@@ -289,7 +278,6 @@ def register(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir
     from tasks.metrics import headline_figures
     from tasks.paths import METRICS_FILE, TRAIN_INFO_FILE
     from tasks.scored_model import OPERATING_POINT_FILE
-    from tasks.tracking import end_run
 
     metrics_path = Path(reports_dir) / METRICS_FILE
     if not metrics_path.exists():
@@ -315,8 +303,6 @@ def register(model_path: Path, processed_dir: Path, model_dir: Path, reports_dir
 
 def _log_card(run_id: str, card: str) -> None:
     """The card as ``model_card.md`` at the run's artifact root (spooled if the server cannot take it)."""
-    from tasks.tracking import log_artifacts
-
     with tempfile.TemporaryDirectory(prefix="skinrisk-card-") as scratch:
         path = Path(scratch) / CARD_FILE
         path.write_text(card, encoding="utf-8")
@@ -325,18 +311,15 @@ def _log_card(run_id: str, card: str) -> None:
 
 def registered_version(uri: str):
     """The registry's ``ModelVersion`` at ``models:/<name>@<alias>`` or ``models:/<name>/<version>``."""
-
-    reference = uri.removeprefix("models:/")
-    name, alias = reference.split("@", 1) if "@" in reference else (reference, None)
-    name, _, number = name.partition("/")
-    names_one = number.isdigit() if alias is None else not number  # a version number, or an alias
+    reference, at, alias = uri.removeprefix("models:/").partition("@")
+    name, _, number = reference.partition("/")
+    names_one = not number if at else number.isdigit()  # an alias, or a version number
     if not uri.startswith("models:/") or not name or not names_one:
         raise SkinriskError(f"{uri!r} names no model version. {_registry_hint(uri)}")
-    mlflow_client = client()
     with _no_model_is_an_error(uri):
-        if alias is not None:
-            return mlflow_client.get_model_version_by_alias(name, alias)
-        return mlflow_client.get_model_version(name, number)
+        if at:
+            return client().get_model_version_by_alias(name, alias)
+        return client().get_model_version(name, number)
 
 
 def registered_card(uri: str) -> str:
