@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -145,7 +145,7 @@ def fetch_manifest(
         ) from exc
     files = [remote for remote in (_remote_file(entry, base_url, url) for entry in entries) if _is_wanted(remote.name)]
     _require_complete(files, doi, url)
-    if _same_doi(doi, HAM10000_DOI):
+    if _is_ham10000(doi):
         _check_against_pinned(files)
     return files
 
@@ -189,7 +189,7 @@ def download_file(
     target = dest_dir / remote.name
     part = target.with_name(target.name + ".part")
     if target.exists():
-        if _matches(target, remote):
+        if _mismatch(target, remote) is None:
             log.info("%s is already downloaded and verified", target)
             part.unlink(missing_ok=True)
             return target
@@ -203,7 +203,10 @@ def download_file(
             hint=f"the partial download is kept in {part}: run the command again to resume",
         ):
             pass
-    _verify_or_discard(part, remote)
+    mismatch = _mismatch(part, remote)
+    if mismatch:
+        part.unlink()
+        raise DataError(f"{remote.name}: {mismatch}")
     os.replace(part, target)
     return target
 
@@ -228,7 +231,7 @@ def download_ham10000(
         try:
             manifest = fetch_manifest(base_url, doi, session=session)
         except DownloadError as exc:
-            if not _same_doi(doi, HAM10000_DOI):
+            if not _is_ham10000(doi):
                 raise
             log.warning("%s; using the pinned HAM10000 file list instead", exc)
             manifest = pinned_manifest(base_url)
@@ -237,13 +240,10 @@ def download_ham10000(
     return dest_dir
 
 
-def file_checksum(path: Path, algorithm: str, chunk_size: int = 1 << 20) -> str:
+def file_checksum(path: Path, algorithm: str) -> str:
     """Hex digest of the file at ``path`` with the hashlib ``algorithm`` (e.g. ``"md5"``)."""
-    digest = hashlib.new(algorithm, usedforsecurity=False)
     with Path(path).open("rb") as source:
-        while chunk := source.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(source, lambda: hashlib.new(algorithm, usedforsecurity=False)).hexdigest()
 
 
 # --- the manifest -------------------------------------------------------------------------
@@ -329,28 +329,22 @@ def _check_against_pinned(files: list[RemoteFile]) -> None:
             )
 
 
-def _same_doi(left: str, right: str) -> bool:
-    def normal(doi: str) -> str:
-        doi = doi.strip().lower()
-        for prefix in ("https://doi.org/", "http://doi.org/", "doi:"):
-            doi = doi.removeprefix(prefix)
-        return doi
-
-    return normal(left) == normal(right)
+def _is_ham10000(doi: str) -> bool:
+    """Whether ``doi`` names HAM10000, however spelled (``doi:`` or a doi.org URL, any case)."""
+    prefix = r"^(https://doi\.org/)?(http://doi\.org/)?(doi:)?"
+    return re.sub(prefix, "", doi.strip().lower()) == re.sub(prefix, "", HAM10000_DOI.lower())
 
 
 # --- HTTP ---------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _session_or_new(session: requests.Session | None) -> Iterator[requests.Session]:
+def _session_or_new(session: requests.Session | None) -> contextlib.AbstractContextManager[requests.Session]:
     """Use the caller's session as is, or a new one (closed on exit) that names this client."""
     if session is not None:
-        yield session
-        return
-    with requests.Session() as own:
-        own.headers["User-Agent"] = USER_AGENT
-        yield own
+        return contextlib.nullcontext(session)
+    own = requests.Session()
+    own.headers["User-Agent"] = USER_AGENT
+    return own
 
 
 def _retrying(attempt: Callable[[], T], *, what: str, retries: int, hint: str) -> T:
@@ -443,22 +437,20 @@ def _stream_to_part(
 
         written = 0
         with (
-            part.open(mode) as sink,
-            tqdm(
+            part.open(mode) as file,
+            tqdm.wrapattr(
+                file,
+                "write",
                 total=expected,
                 initial=offset,
                 desc=remote.name,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
                 disable=None if progress else True,  # None: only on a terminal
-            ) as bar,
+            ) as sink,
         ):
             try:
                 for chunk in response.iter_content(chunk_size):
                     sink.write(chunk)
                     written += len(chunk)
-                    bar.update(len(chunk))
             except requests.RequestException as exc:
                 raise _TransientError(
                     f"connection lost after {offset + written} bytes: {exc}", progressed=written > 0
@@ -483,7 +475,8 @@ def _raise_for_status(response: requests.Response, *, advice: str) -> None:
     if detail:
         described += f" ({detail})"
     if status >= 500 or status in _TRANSIENT_STATUSES:
-        raise _TransientError(described, retry_after=_retry_after(response))
+        retry_after = response.headers.get("Retry-After", "").strip()
+        raise _TransientError(described, retry_after=float(retry_after) if retry_after.isdigit() else None)
     if status in (401, 403):
         advice = (
             "access was refused: the file may be restricted, or its terms may have to be accepted in a browser first"
@@ -502,11 +495,6 @@ def _server_message(response: requests.Response) -> str:
     return (match.group(1) if match else "")[:200]
 
 
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After", "").strip()
-    return float(value) if value.isdigit() else None
-
-
 def _content_range(header: str) -> tuple[int | None, int | None]:
     """Start and total length from ``Content-Range: bytes START-END/TOTAL`` (None if absent)."""
     match = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", header)
@@ -519,27 +507,19 @@ def _content_range(header: str) -> tuple[int | None, int | None]:
 # --- verification -------------------------------------------------------------------------
 
 
-def _matches(path: Path, remote: RemoteFile) -> bool:
-    if remote.size is not None and path.stat().st_size != remote.size:
-        return False
-    return file_checksum(path, remote.algorithm) == remote.checksum.lower()
-
-
-def _verify_or_discard(part: Path, remote: RemoteFile) -> None:
-    """Raise DataError (deleting ``part``) unless its size and checksum are the published ones."""
-    size = part.stat().st_size
+def _mismatch(path: Path, remote: RemoteFile) -> str | None:
+    """How ``path`` differs from the published size or checksum of ``remote``; None if it does not."""
+    size = path.stat().st_size
     if remote.size is not None and size != remote.size:
-        part.unlink()
-        raise DataError(
-            f"{remote.name}: received {size} bytes from {remote.url}, but the file has "
-            f"{remote.size}; the download was deleted: run the command again"
+        return (
+            f"received {size} bytes from {remote.url}, but the file has {remote.size}; "
+            "the download was deleted: run the command again"
         )
-    actual = file_checksum(part, remote.algorithm)
-    if actual != remote.checksum.lower():
-        part.unlink()
-        raise DataError(
-            f"{remote.name}: {remote.algorithm} checksum mismatch, expected {remote.checksum}, "
-            f"got {actual} (from {remote.url}); the corrupt download was deleted. Run the "
-            "command again; if it fails the same way, the published file has changed or a "
-            "proxy alters it: compare with the dataset page before using any copy"
-        )
+    actual = file_checksum(path, remote.algorithm)
+    if actual == remote.checksum.lower():
+        return None
+    return (
+        f"{remote.algorithm} checksum mismatch, expected {remote.checksum}, got {actual} (from {remote.url}); "
+        "the corrupt download was deleted. Run the command again; if it fails the same way, the published "
+        "file has changed or a proxy alters it: compare with the dataset page before using any copy"
+    )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -108,6 +109,14 @@ def map_shards(
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(shards)), mp_context=context) as pool:
         return list(progress(pool.map(fn, shards), desc, total=len(shards), unit="shard"))
+
+
+def chunks(items: Sequence[T], workers: int, *, minimum: int = 8, per_worker: int = 4) -> list[Sequence[T]]:
+    """``items`` cut into about ``per_worker`` shards per worker (0 workers: one per core), each of
+    at least ``minimum`` items: small enough to balance the workers, large enough to amortise IPC."""
+    workers = workers or os.cpu_count() or 1
+    size = max(minimum, math.ceil(len(items) / (per_worker * workers)))
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def progress(items: Iterable[T], desc: str | None, **tqdm_args) -> Iterable[T]:

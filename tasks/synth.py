@@ -28,7 +28,7 @@ from PIL import Image
 from tasks.atomic import atomic_directory
 from tasks.errors import SkinriskError
 from tasks.schema import DIAGNOSES, METADATA_COLUMNS, PUBLISHED_DX_COUNTS
-from tasks.shards import map_shards
+from tasks.shards import chunks, map_shards
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -206,13 +206,10 @@ def synthesize_ham10000(
     included), ``HAM10000_images_part_1/`` and ``_part_2/`` with ``ISIC_XXXXXXX.jpg`` images of
     ``width`` x ``height`` pixels, and ``synthetic_truth.csv`` giving each lesion's ellipse
     (``center_x, center_y, radius_x, radius_y`` in pixels). The directory appears complete or not
-    at all, and replaces a previous one only on success. Classes follow the published
-    proportions (see :func:`class_counts`), each class in at least two lesions (three from 50
-    images on) so that a grouped train/validation/test split can hold every class.
-
-    The same arguments give byte-identical files whatever ``workers`` is (0: one process per
-    core). The returned table has ``age`` as float with NaN for blanks, as ``pd.read_csv`` would
-    read it.
+    at all, and replaces a previous one only on success. Classes follow :func:`class_counts`, each
+    in at least two lesions (three from 50 images on) so that a grouped split can hold every class.
+    ``workers`` (0: one process per core) never changes the files. The returned table has ``age``
+    as float with NaN for blanks, as ``pd.read_csv`` would read it.
     """
     # Imported here, not at the top: worker processes import this module to draw images, and
     # pandas would add seconds to each one's start.
@@ -223,13 +220,8 @@ def synthesize_ham10000(
     specs = _plan_images([row["image_id"] for row in rows], looks, seed=seed, width=width, height=height)
     metadata = pd.DataFrame(rows, columns=list(METADATA_COLUMNS)).astype({"age": "float64"})
     truth = pd.DataFrame(
-        {
-            "image_id": [Path(s.relative_path).stem for s in specs],
-            "center_x": [s.center_x for s in specs],
-            "center_y": [s.center_y for s in specs],
-            "radius_x": [s.radius_x for s in specs],
-            "radius_y": [s.radius_y for s in specs],
-        }
+        [(Path(s.relative_path).stem, s.center_x, s.center_y, s.radius_x, s.radius_y) for s in specs],
+        columns=list(TRUTH_COLUMNS),
     )
     with atomic_directory(Path(out_dir)) as staging:
         (staging / IMAGES_PART_1).mkdir()
@@ -458,9 +450,7 @@ def _plan_images(
 
 def _render_all(specs: Sequence[_ImageSpec], staging: Path, *, workers: int) -> None:
     """Draw and write every image, in ``workers`` processes when that is worth it."""
-    chunk_size = max(8, math.ceil(len(specs) / (4 * workers)))
-    chunks = [specs[i : i + chunk_size] for i in range(0, len(specs), chunk_size)]
-    map_shards(partial(_render_chunk, staging=staging), chunks, workers=max(1, workers))
+    map_shards(partial(_render_chunk, staging=staging), chunks(specs, workers), workers=workers)
 
 
 def _render_chunk(specs: Sequence[_ImageSpec], staging: Path) -> None:

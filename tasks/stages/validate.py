@@ -28,13 +28,12 @@ the functions that need them, never at module level.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from string import Template
@@ -46,12 +45,8 @@ from PIL import Image, ImageFile
 
 from tasks.atomic import write_json, write_text
 from tasks.errors import DataError
-from tasks.schema import (
-    RAW_IMAGES_DIR,
-    RAW_METADATA_FILE,
-    raw_image_path,
-)
-from tasks.shards import map_shards
+from tasks.schema import RAW_IMAGES_DIR, RAW_METADATA_FILE, raw_image_path
+from tasks.shards import chunks, map_shards
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,11 +58,7 @@ REPORT_MARKDOWN = "validation.md"
 GX_PROJECT = Path(__file__).resolve().parents[2] / "gx"  # the committed Great Expectations project
 GX_OUTPUT = "gx"  # reports_dir/gx/: GX's uncommitted/ of the last validation (results, Data Docs)
 
-# Blank (age unknown, as in the published table) or a plain decimal number such as 45 or 45.0.
-AGE_PATTERN = r"^$|^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$"  # non-capturing: pandas warns on groups
-
 _IMPORT_HINT = "run `skinrisk data import SOURCE` (or `skinrisk data synth`) first"
-_MIN_CHUNK = 8  # images per worker task: small enough to balance, large enough to amortise IPC
 
 
 @dataclass(frozen=True)
@@ -109,31 +100,11 @@ class ValidationSummary:
 
 
 @dataclass(frozen=True)
-class _Check:
-    """One expectation of a saved suite, as the reports name it."""
-
-    target: str  # "metadata" or "images"
-    column: str | None
-    description: str
-    expectation: str  # the Great Expectations type
-
-
-@dataclass(frozen=True)
 class _Outcome:
-    check: _Check
-    status: str  # "passed", "failed", "warning" or "skipped"
-    unexpected_count: int
-    examples: list[str]
+    """One saved expectation as the reports name it, whatever its status."""
 
-    def as_failure(self) -> ExpectationFailure:
-        return ExpectationFailure(
-            target=self.check.target,
-            expectation=self.check.expectation,
-            column=self.check.column,
-            description=self.check.description,
-            unexpected_count=self.unexpected_count,
-            examples=self.examples,
-        )
+    status: str  # "passed", "failed", "warning" or "skipped"
+    finding: ExpectationFailure  # unexpected_count 0 and no examples when it passed
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,52 +112,33 @@ class _Outcome:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _strict_decoding() -> Iterator[None]:
-    """Make PIL raise on truncated files (another module may have relaxed it process-wide)."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
 def _inspect_image(raw_dir: str, image_id: str) -> dict[str, Any]:
-    """Open and fully decode one image; null fields mean "not reached" so GX skips them."""
+    """Open and fully decode one image; fields left out mean "not reached" (null: GX skips them)."""
     path = raw_image_path(Path(raw_dir), image_id)
-    record: dict[str, Any] = {
-        "image_id": image_id,
-        "file": path.relative_to(raw_dir).as_posix(),
-        "exists": path.is_file(),
-        "decodes": None,
-        "mode": None,
-        "channels": None,
-        "width": None,
-        "height": None,
-        "error": "",
-    }
+    record = {"image_id": image_id, "file": path.relative_to(raw_dir).as_posix(), "exists": path.is_file(), "error": ""}
     if not record["exists"]:
-        record["error"] = "broken symlink" if path.is_symlink() else "file not found"
-        return record
+        return record | {"error": "broken symlink" if path.is_symlink() else "file not found"}
     try:
         with Image.open(path) as image:
             image.load()  # the whole frame: header-only checks miss truncated files
-            record.update(
-                decodes=True,
-                mode=image.mode,
-                channels=len(image.getbands()),
-                width=image.width,
-                height=image.height,
-            )
+            return record | {
+                "decodes": True,
+                "mode": image.mode,
+                "channels": len(image.getbands()),
+                "width": image.width,
+                "height": image.height,
+            }
     except Exception as exc:  # any decoder error (OSError, SyntaxError, struct.error...) = corrupt
-        record.update(decodes=False, error=f"{type(exc).__name__}: {exc}")
-    return record
+        return record | {"decodes": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _inspect_chunk(raw_dir: str, image_ids: list[str]) -> list[dict[str, Any]]:
-    with _strict_decoding():
+    # Strict: another module may have let PIL accept truncated files process-wide.
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
         return [_inspect_image(raw_dir, image_id) for image_id in image_ids]
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def inspect_images(raw_dir: Path, image_ids: Sequence[str], workers: int = 0) -> list[dict]:
@@ -196,11 +148,9 @@ def inspect_images(raw_dir: Path, image_ids: Sequence[str], workers: int = 0) ->
     spawned, not forked, because the calling process (a Prefect flow) may hold other threads.
     """
     workers = workers or os.cpu_count() or 1
-    ids = list(image_ids)
-    chunk = max(_MIN_CHUNK, math.ceil(len(ids) / (workers * 4)))
-    chunks = [ids[start : start + chunk] for start in range(0, len(ids), chunk)]
     check = partial(_inspect_chunk, str(raw_dir))
-    return [record for block in map_shards(check, chunks, workers=workers, desc="check images") for record in block]
+    blocks = map_shards(check, chunks(list(image_ids), workers), workers=workers, desc="check images")
+    return [record for block in blocks for record in block]
 
 
 def unlisted_image_files(raw_dir: Path, image_ids: set[str]) -> list[str]:
@@ -217,26 +167,9 @@ def unlisted_image_files(raw_dir: Path, image_ids: set[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Table:
-    """One table this stage builds, and the checkpoint of ``gx/`` that validates it (its suite,
-    validation definition and data asset carry the same name)."""
-
-    checkpoint: str
-    target: str  # how the reports name it
-
-
-_METADATA = _Table("raw_metadata", "metadata")
-_AGES = _Table("raw_ages", "metadata")
-_IMAGES = _Table("raw_images", "images")
-
-
-def _gx() -> Any:
-    """Import Great Expectations with its usage analytics off (no network here, no telemetry)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    import great_expectations as gx
-
-    return gx
+# The checkpoints of ``gx/`` (each with a suite, validation definition and data asset of the same
+# name), one per table this stage builds, and how the reports name each table.
+_TARGETS = {"raw_metadata": "metadata", "raw_ages": "metadata", "raw_images": "images"}
 
 
 def _exception_message(info: Any) -> str | None:
@@ -249,10 +182,10 @@ def _exception_message(info: Any) -> str | None:
 
 
 def _run_checkpoints(
-    frames: dict[_Table, pd.DataFrame], parameters: dict[str, Any], max_examples: int, reports_dir: Path
-) -> tuple[dict[_Table, Any], dict[_Table, list[Any]], Path]:
-    """Run each table's checkpoint; returns its suite validation result, the suite's expectations
-    (in the suite's order) and the Data Docs index, which lies under ``reports_dir/gx/``.
+    frames: dict[str, pd.DataFrame], parameters: dict[str, Any], max_examples: int, reports_dir: Path
+) -> tuple[dict[str, list[Any]], Path]:
+    """Run each table's checkpoint; returns its expectation results in the suite's order (GX may
+    reorder them) and the Data Docs index, which lies under ``reports_dir/gx/``.
 
     GX runs on a copy of ``gx/`` in a scratch folder inside ``reports_dir``: the committed project
     is only read, concurrent runs share nothing, and the new ``reports_dir/gx/`` moves in by
@@ -260,7 +193,8 @@ def _run_checkpoints(
     the frame's index: the callers index their frames with what a person should be told
     (metadata: file line numbers), which works even when the ``image_id`` column is missing.
     """
-    gx = _gx()
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network here, no telemetry
+    import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -272,35 +206,36 @@ def _run_checkpoints(
         context = gx.get_context(mode="file", project_root_dir=scratch)
         context.variables.progress_bars = ProgressBarsConfig(globally=False)  # keep CLI output clean
         run_id = RunIdentifier(run_name="skinrisk-validate")  # one run: Data Docs list its tables together
-        results, expectations = {}, {}
-        for table, frame in frames.items():
-            checkpoint = context.checkpoints.get(table.checkpoint)
+        results = {}
+        for name, frame in frames.items():
+            checkpoint = context.checkpoints.get(name)
             checkpoint.result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max_examples}
-            outcome = checkpoint.run(
+            run = checkpoint.run(
                 batch_parameters={"dataframe": frame}, expectation_parameters=parameters, run_id=run_id
             )
-            (results[table],) = outcome.run_results.values()
+            (suite_result,) = run.run_results.values()
+            by_id = {r.expectation_config.id: r for r in suite_result.results}
             (definition,) = checkpoint.validation_definitions
-            expectations[table] = definition.suite.expectations
+            results[name] = [by_id[expectation.id] for expectation in definition.suite.expectations]
         # Once for the three checkpoints (an UpdateDataDocsAction on each would render it thrice).
         context.build_data_docs()
         written = project / "uncommitted"
         site = Path(url2pathname(urlparse(context.get_docs_sites_urls()[0]["site_url"]).path))
         _serve_libraries_locally(site.parent)
-        _add_static_index(site, {t.checkpoint: _verdict(r) for t, r in results.items()})
+        _add_static_index(site, {name: _verdict(suite_results) for name, suite_results in results.items()})
         (written / "config_variables.yml").unlink(missing_ok=True)
         output = reports_dir / GX_OUTPUT
         with contextlib.suppress(FileNotFoundError):
             output.rename(scratch / "previous")
         written.rename(output)
-        return results, expectations, output / site.relative_to(written)
+        return results, output / site.relative_to(written)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _verdict(result: Any) -> str:
+def _verdict(results: list[Any]) -> str:
     """A suite's outcome as this stage counts it: warning-severity expectations never fail it."""
-    broken = {r.expectation_config.severity.value for r in result.results if not r.success}
+    broken = {r.expectation_config.severity.value for r in results if not r.success}
     return "FAILED" if broken - {"warning"} else "passed with warnings" if broken else "passed"
 
 
@@ -358,61 +293,53 @@ def _add_static_index(index: Path, verdicts: dict[str, str]) -> None:
     index.write_text(html[:at] + block + html[at:], encoding="utf-8")
 
 
-def _check(table: _Table, config: Any, parameters: dict[str, Any]) -> _Check:
-    """How the reports name one saved expectation; ``$name`` in its description is a parameter."""
-    description = Template(config.description or config.type).safe_substitute(parameters)
-    return _Check(table.target, config.kwargs.get("column"), description, config.type)
-
-
-def _outcome(check: _Check, result: Any, example: Callable[[str | None, Any], str]) -> _Outcome:
+def _outcome(finding: ExpectationFailure, result: Any, example: Callable[[str | None, Any], str]) -> _Outcome:
     """Turn one GX result into counts and readable examples."""
-    kind = check.expectation
     details = result.result or {}
     if result.success:
-        return _Outcome(check, "passed", 0, [])
+        return _Outcome("passed", finding)
     status = "warning" if result.expectation_config.severity.value == "warning" else "failed"
-    if kind == "expect_table_columns_to_match_set":
+    if finding.expectation == "expect_table_columns_to_match_set":
         mismatched = details.get("details", {}).get("mismatched", {})
         examples = [f"missing column {c!r}" for c in mismatched.get("missing", [])]
         examples += [f"unexpected column {c!r}" for c in mismatched.get("unexpected", [])]
         count = len(examples)
         examples.append(f"found columns: {', '.join(map(str, details.get('observed_value', [])))}")
-        return _Outcome(check, status, count, examples)
+        return _Outcome(status, replace(finding, unexpected_count=count, examples=examples))
     if "unexpected_count" not in details:  # table-level (the row count) or GX itself failed
         error = _exception_message(result.exception_info)
         observed = f"error: {error}" if error else f"observed: {details.get('observed_value')}"
-        return _Outcome(check, status, 1, [observed])
-    examples = [example(check.column, index) for index in details.get("partial_unexpected_index_list", [])]
-    return _Outcome(check, status, int(details["unexpected_count"]), examples)
-
-
-def _skipped(check: _Check, missing_column: str) -> _Outcome:
-    reason = f"not evaluated: column {missing_column!r} is missing from {RAW_METADATA_FILE}"
-    return _Outcome(check, "skipped", 0, [reason])
+        return _Outcome(status, replace(finding, unexpected_count=1, examples=[observed]))
+    examples = [example(finding.column, index) for index in details.get("partial_unexpected_index_list", [])]
+    return _Outcome(status, replace(finding, unexpected_count=int(details["unexpected_count"]), examples=examples))
 
 
 def _outcomes(
-    table: _Table,
+    checkpoint: str,
     frame: pd.DataFrame,
-    result: Any,
-    expectations: list[Any],
+    results: list[Any],
     parameters: dict[str, Any],
     describe: Callable[[str | None, Any], str],
     missing: str | None = None,
 ) -> list[_Outcome]:
-    """Outcomes in the suite's order (GX may reorder results). An expectation on a column the
-    frame lacks is reported as skipped (GX records it as an error), as are all but ``listed`` on
-    the images table when the metadata has no image ids (``missing``)."""
-    by_id = {r.expectation_config.id: r for r in result.results}
+    """Outcomes of one suite's results. An expectation on a column the frame lacks is reported as
+    skipped (GX records it as an error), as are all but ``listed`` on the images table when the
+    metadata has no image ids (``missing``). ``$name`` in a description is a parameter."""
     outcomes = []
-    for expectation in expectations:
-        check = _check(table, by_id[expectation.id].expectation_config, parameters)
-        if missing and check.column != "listed":
-            outcomes.append(_skipped(check, missing))
-        elif check.column is not None and check.column not in frame.columns:
-            outcomes.append(_skipped(check, check.column))
+    for result in results:
+        config = result.expectation_config
+        column = config.kwargs.get("column")
+        description = Template(config.description or config.type).safe_substitute(parameters)
+        finding = ExpectationFailure(_TARGETS[checkpoint], config.type, column, description, 0, [])
+        if missing and column != "listed":
+            absent = missing
         else:
-            outcomes.append(_outcome(check, by_id[expectation.id], describe))
+            absent = column if column is not None and column not in frame.columns else None
+        if absent:
+            reason = f"not evaluated: column {absent!r} is missing from {RAW_METADATA_FILE}"
+            outcomes.append(_Outcome("skipped", replace(finding, examples=[reason])))
+        else:
+            outcomes.append(_outcome(finding, result, describe))
     return outcomes
 
 
@@ -487,16 +414,7 @@ def _report_payload(
         },
         "unlisted_image_files": "warning",  # the policy, see the module docstring
         "expectations": [
-            {
-                "target": o.check.target,
-                "column": o.check.column,
-                "expectation": o.check.expectation,
-                "description": o.check.description,
-                "status": o.status,
-                "success": {"passed": True, "skipped": None}.get(o.status, False),
-                "unexpected_count": o.unexpected_count,
-                "examples": o.examples,
-            }
+            {**asdict(o.finding), "status": o.status, "success": {"passed": True, "skipped": None}.get(o.status, False)}
             for o in outcomes
         ],
     }
@@ -570,23 +488,23 @@ def _write_reports(reports_dir: Path, payload: dict[str, Any]) -> tuple[Path, Pa
     return report_json, report_markdown
 
 
-def _failure_message(
-    raw_dir: Path, outcomes: list[_Outcome], report_json: Path, report_markdown: Path, data_docs: Path
-) -> str:
-    failed = [o for o in outcomes if o.status == "failed"]
-    evaluated = sum(o.status != "skipped" for o in outcomes)
-    lines = [f"raw data in {raw_dir} failed {len(failed)} of {evaluated} expectations:"]
-    for o in failed:
-        where = f"{o.check.target}, column {o.check.column!r}" if o.check.column else o.check.target
-        lines.append(
-            f"  - {where}: {o.check.description} [{o.check.expectation}]: {_count_text(o.unexpected_count, o.examples)}"
-        )
-        lines += [f"      {example}" for example in o.examples]
-    warnings = sum(o.status == "warning" for o in outcomes)
-    if warnings:
-        lines.append(f"plus {warnings} warning(s), listed in the reports")
+def _failure_message(payload: dict[str, Any], report_json: Path, report_markdown: Path) -> str:
+    counts = payload["counts"]
+    lines = [
+        f"raw data in {payload['raw_dir']} failed {counts['expectations_failed']} of "
+        f"{counts['expectations_evaluated']} expectations:"
+    ]
+    for entry in payload["expectations"]:
+        if entry["status"] != "failed":
+            continue
+        where = f"{entry['target']}, column {entry['column']!r}" if entry["column"] else entry["target"]
+        count = _count_text(entry["unexpected_count"], entry["examples"])
+        lines.append(f"  - {where}: {entry['description']} [{entry['expectation']}]: {count}")
+        lines += [f"      {example}" for example in entry["examples"]]
+    if counts["warnings"]:
+        lines.append(f"plus {counts['warnings']} warning(s), listed in the reports")
     lines.append(f"reports: {report_markdown} and {report_json}")
-    lines.append(f"Data Docs: {data_docs}")
+    lines.append(f"Data Docs: {payload['data_docs']}")
     lines.append("Fix the source data and re-import it with `skinrisk data import SOURCE`.")
     return "\n".join(lines)
 
@@ -706,23 +624,15 @@ def validate_raw(raw_dir: Path, reports_dir: Path, params: ValidateParams) -> Va
     images = _images_frame(raw_dir, table, params.workers)
 
     parameters = {"min_image_side": params.min_image_side, "max_image_side": params.max_image_side}
-    frames = {_METADATA: table, _AGES: _numeric_ages(table), _IMAGES: images}
-    results, expectations, data_docs = _run_checkpoints(frames, parameters, params.max_examples, reports_dir)
+    ages = _numeric_ages(table)
+    frames = {"raw_metadata": table, "raw_ages": ages, "raw_images": images}
+    results, data_docs = _run_checkpoints(frames, parameters, params.max_examples, reports_dir)
     describe_row = _metadata_example(table)
-    describe = {_METADATA: describe_row, _AGES: describe_row, _IMAGES: _image_example(images)}
+    no_ids = None if "image_id" in table.columns else "image_id"  # then there is no image to look for
     outcomes = [
-        outcome
-        for t, frame in frames.items()
-        for outcome in _outcomes(
-            t,
-            frame,
-            results[t],
-            expectations[t],
-            parameters,
-            describe[t],
-            # without ids there is no image to look for
-            missing="image_id" if t is _IMAGES and "image_id" not in table.columns else None,
-        )
+        *_outcomes("raw_metadata", table, results["raw_metadata"], parameters, describe_row),
+        *_outcomes("raw_ages", ages, results["raw_ages"], parameters, describe_row),
+        *_outcomes("raw_images", images, results["raw_images"], parameters, _image_example(images), missing=no_ids),
     ]
 
     n_lesions = table["lesion_id"].replace("", None).nunique() if "lesion_id" in table else 0
@@ -734,17 +644,16 @@ def validate_raw(raw_dir: Path, reports_dir: Path, params: ValidateParams) -> Va
     }
     payload = _report_payload(raw_dir, params, counts, outcomes, data_docs=data_docs)
     report_json, report_markdown = _write_reports(reports_dir, payload)
-    failures = [o.as_failure() for o in outcomes if o.status == "failed"]
+    failures = [o.finding for o in outcomes if o.status == "failed"]
     if failures:
-        message = _failure_message(raw_dir, outcomes, report_json, report_markdown, data_docs)
-        raise ValidationFailed(message, failures, data_docs)
+        raise ValidationFailed(_failure_message(payload, report_json, report_markdown), failures, data_docs)
     return ValidationSummary(
         n_images=counts["images"],
         n_lesions=counts["lesions"],
-        evaluated=sum(o.status != "skipped" for o in outcomes),
+        evaluated=payload["counts"]["expectations_evaluated"],
         failures=[],
         report_json=report_json,
         report_markdown=report_markdown,
-        warnings=[o.as_failure() for o in outcomes if o.status == "warning"],
+        warnings=[o.finding for o in outcomes if o.status == "warning"],
         data_docs=data_docs,
     )
