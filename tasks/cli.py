@@ -24,7 +24,7 @@ from tasks import paths
 from tasks.errors import SkinriskError
 
 if TYPE_CHECKING:
-    from tasks.params import Params
+    from tasks.params import ExplainParams, Params
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
@@ -164,6 +164,26 @@ def _params(params_file: Path, overrides: list[str] | None) -> Params:
     from tasks.params import load_params
 
     return load_params(params_file, overrides)
+
+
+def _tracked_run(model_dir: Path) -> str | None:
+    """The MLflow run train.json names; None for a model trained with --no-tracking."""
+    from tasks.runs import run_id_of
+
+    try:
+        return run_id_of(model_dir)
+    except SkinriskError:
+        return None
+
+
+def _shap_background(processed_dir: Path, params: ExplainParams):
+    """SHAP's background: training cases when preprocess ran here, else explain's neutral one (None)."""
+    from tasks.schema import CASES_FILE
+    from tasks.stages.explain import training_background
+
+    if not (processed_dir / CASES_FILE).exists():
+        return None
+    return training_background(processed_dir, params.shap_background, params.seed)
 
 
 @_command(data_app, "synth", tensorflow=False)
@@ -396,27 +416,21 @@ def cmd_explain(
     """Grad-CAM and SHAP: one case (--image ...) or, without --image, chosen test cases into reports/explain"""
     params = _params(params_file, overrides).explain
     if image is None:
-        from tasks.runs import run_id_of
         from tasks.stages.explain import explain_test_cases
-
-        try:
-            run_id = run_id_of(model_dir)
-        except SkinriskError:
-            run_id = None  # a model trained without tracking
         from tasks.tracking import working_on
 
+        run_id = _tracked_run(model_dir)
         with working_on(run_id):
             explain_test_cases(Path(model), processed_dir, out, params, run_id=run_id)
         print(f"explained test cases (Grad-CAM overlays, SHAP summary) in {out}")
         return
     from tasks.scored_model import load_bundle
-    from tasks.stages.explain import explain_case, training_background
+    from tasks.stages.explain import explain_case
 
     if sex is None or site is None:
         raise SkinriskError("a single case needs --sex and --site (and --age unless it is unknown)")
     bundle = load_bundle(model, processed_dir, model_dir)
-    cases = processed_dir / "cases.csv"
-    background = training_background(processed_dir, params.shap_background, params.seed) if cases.exists() else None
+    background = _shap_background(processed_dir, params)
     result = explain_case(bundle, image, age, sex, site, out, params, background=background)
     import json
 
@@ -434,14 +448,10 @@ def cmd_monitor_reference(
     overrides: Overrides = None,
 ) -> None:
     """build the training reference profile for drift monitoring (the dvc.yaml stage of that name)"""
-    from tasks.runs import run_id_of
     from tasks.stages.reference import build_reference_profile
     from tasks.tracking import working_on
 
-    try:
-        run_id = run_id_of(model_dir)
-    except SkinriskError:
-        run_id = None  # a model trained without tracking
+    run_id = _tracked_run(model_dir)
     with working_on(run_id):
         out = build_reference_profile(
             model, processed_dir, out, _params(params_file, overrides).monitor, raw_dir=raw_dir, run_id=run_id
@@ -669,23 +679,12 @@ def cmd_app(
     """the triage page for clinicians: score and explain one case, open a triage queue (web, loopback)"""
     from tasks.app import serve
     from tasks.scored_model import load_bundle
-    from tasks.stages.explain import training_background
 
     params = _params(params_file, overrides).explain
     bundle = load_bundle(model, processed_dir, model_dir)
-    cases = processed_dir / "cases.csv"
-    background = training_background(processed_dir, params.shap_background, params.seed) if cases.exists() else None
+    background = _shap_background(processed_dir, params)
     print(f"triage page for {model} on http://{host}:{port}/ (Ctrl-C stops)")
-    serve(
-        bundle,
-        params,
-        host=host,
-        port=port,
-        background=background,
-        queue=queue,
-        images_dir=images,
-        model_name=model,
-    )
+    serve(bundle, params, host=host, port=port, background=background, queue=queue, images_dir=images, model_name=model)
 
 
 @_command(app, "pipeline")

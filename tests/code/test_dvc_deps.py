@@ -45,12 +45,30 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
+def _called_helpers(tree: ast.AST, functions: dict[str, ast.FunctionDef]) -> list[ast.FunctionDef]:
+    """The CLI module's own functions that ``tree`` calls, and those they call, transitively."""
+    found: dict[str, ast.FunctionDef] = {}
+    pending = [tree]
+    while pending:
+        for node in ast.walk(pending.pop()):
+            if isinstance(node, ast.Name) and node.id in functions and node.id not in found:
+                found[node.id] = functions[node.id]
+                pending.append(functions[node.id])
+    return list(found.values())
+
+
 def modules_run_by(handler) -> set[Path]:
-    """The project's module files a CLI handler runs: its own imports and its module's top-level
-    ones (not those of the module's other handlers), then theirs, transitively."""
+    """The project's module files a CLI handler runs: its own imports, those of the CLI module's
+    helper functions it calls and the module's top-level ones (not those of the module's other
+    handlers), then theirs, transitively."""
     cli = ast.parse(Path(inspect.getfile(handler)).read_text(encoding="utf-8"))
     top_level = ast.Module(body=[n for n in cli.body if isinstance(n, ast.Import | ast.ImportFrom)], type_ignores=[])
-    pending = _imported_modules(ast.parse(inspect.getsource(handler))) | _imported_modules(top_level)
+    functions = {n.name: n for n in cli.body if isinstance(n, ast.FunctionDef)}
+    own = ast.parse(inspect.getsource(handler))
+    own.body[0].decorator_list = []  # the runner every command shares (console, lock) writes no output
+    pending = _imported_modules(own) | _imported_modules(top_level)
+    for helper in _called_helpers(own, {k: v for k, v in functions.items() if k != handler.__name__}):
+        pending |= _imported_modules(helper)
     seen: set[str] = {handler.__module__}
     while pending:
         module = pending.pop()
