@@ -41,10 +41,6 @@ _TRUTH = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no"
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------------------------
-# Form uploads
-
-
 @dataclass(frozen=True)
 class Upload:
     """One uploaded file of a form: the name the browser gave and its bytes."""
@@ -92,23 +88,17 @@ async def read_form(request: Request, max_bytes: int = MAX_UPLOAD_BYTES) -> Form
     return Form(fields, files)
 
 
-# ---------------------------------------------------------------------------------------------
-# One case
-
-
 def _checked_image(upload: Upload | None, image_size: int) -> None:
     """DataError unless ``upload`` is an image the model's decoder reads."""
-    from tasks.images import load_image
+    from tasks.decoding import decode_error_reason, resized_pixels
 
     if upload is None:
         raise DataError("no image: choose the lesion photograph (JPEG or PNG)")
     if not upload.data:
         raise DataError(f"{upload.filename} is empty: choose the lesion photograph (JPEG or PNG)")
     try:
-        load_image(upload.data, image_size)
+        resized_pixels(upload.data, image_size)
     except DataError as exc:
-        from tasks.decoding import decode_error_reason
-
         reason = decode_error_reason(exc.__cause__) if exc.__cause__ else str(exc)
         raise DataError(f"{upload.filename} is not a readable image: {reason}; choose the lesion photograph") from None
 
@@ -142,10 +132,6 @@ def _case_view(result: dict[str, Any], out_dir: Path, operating_point: dict | No
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# The worklist
-
-
 @dataclass(frozen=True)
 class Worklist:
     """A triage queue ranked by P(high), descending: one dict per case, and where its images are."""
@@ -153,15 +139,6 @@ class Worklist:
     source: str
     rows: list[dict[str, Any]]
     images_dir: Path | None
-
-
-def _refer_flag(value: object, line: int, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    flag = _TRUTH.get(str(value).strip().lower())
-    if flag is None:
-        raise DataError(f"{name}, line {line}: refer {value!r} is not True or False")
-    return flag
 
 
 def read_queue(source: Path | bytes, name: str) -> pd.DataFrame:
@@ -179,12 +156,17 @@ def read_queue(source: Path | bytes, name: str) -> pd.DataFrame:
     if missing:
         raise DataError(f"{name}: missing column(s) {missing}; {hint}")
     p_high = pd.to_numeric(queue["p_high"], errors="coerce")
-    bad = queue.index[p_high.isna() | (p_high < 0) | (p_high > 1)]
+    bad = queue.index[~p_high.between(0, 1)]
     if len(bad):
         line = int(bad[0]) + 2  # the header is line 1
         raise DataError(f"{name}, line {line}: p_high {queue.at[bad[0], 'p_high']!r} is not a probability (0-1)")
     queue["p_high"] = p_high
-    queue["refer"] = [_refer_flag(v, i + 2, name) for i, v in zip(queue.index, queue["refer"], strict=True)]
+    values = queue["refer"].tolist()
+    refer = [value if isinstance(value, bool) else _TRUTH.get(str(value).strip().lower()) for value in values]
+    if None in refer:
+        row = refer.index(None)
+        raise DataError(f"{name}, line {row + 2}: refer {values[row]!r} is not True or False")
+    queue["refer"] = refer
     return queue.sort_values("p_high", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -242,10 +224,6 @@ def thumbnail_png(path: Path, size: int = THUMBNAIL_SIZE) -> bytes:
     return out.getvalue()
 
 
-# ---------------------------------------------------------------------------------------------
-# The application
-
-
 def create_app(
     bundle,
     params: ExplainParams | None = None,
@@ -277,7 +255,6 @@ def create_app(
     app = FastAPI(title="skinrisk triage page", docs_url=None, redoc_url=None, openapi_url=None)
 
     def page(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-        context.setdefault("error", None)
         return templates.TemplateResponse(request, name, {"model_name": model_name, **context}, status_code=status_code)
 
     def case_page(request: Request, fields: dict[str, str], status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -296,19 +273,12 @@ def create_app(
         with tempfile.TemporaryDirectory(prefix="skinrisk-case-") as folder:
             image = Path(folder) / f"{secrets.token_hex(8)}{Path(upload.filename).suffix.lower()}"
             image.write_bytes(upload.data)
-            age = None if math.isnan(raw["age"]) else raw["age"]
+            out = Path(folder) / "explained"
             with scoring:
                 result = explain_case(
-                    bundle,
-                    image,
-                    age,
-                    raw["sex"],
-                    raw["localization"],
-                    Path(folder) / "explained",
-                    params,
-                    background=background,
+                    bundle, image, raw["age"], raw["sex"], raw["localization"], out, params, background=background
                 )
-            return _case_view(result, Path(folder) / "explained", bundle.operating_point)
+            return _case_view(result, out, bundle.operating_point)
 
     @app.get("/", response_class=HTMLResponse)
     async def case_form(request: Request) -> HTMLResponse:

@@ -1,20 +1,15 @@
 """Decoding an image file into model-input pixels: the work the decoding workers do.
 
-This module imports Pillow and the standard library only, so a worker process starts in a tenth of
-a second (NumPy alone takes 0.15-0.25 s to import). ``tasks.images`` wraps it in NumPy for
-training, serving and explaining, so every path decodes exactly the same way.
+Pillow and the standard library only, so a worker process starts in a tenth of a second (NumPy
+alone takes 0.15-0.25 s to import); ``tasks.images`` wraps it in NumPy for every other path.
 
-Pixels: the whole frame resized to a square (no crop: lesions are centred but not always small)
-with Pillow's antialiased bilinear filter. A JPEG at least twice ``size`` is decoded at a reduced
-DCT scale (1/2, 1/4 or 1/8, as Pillow's ``draft`` chooses): several times faster and, followed by
-the antialiased resize, visually the same.
-
-Speed: a colour JPEG goes straight to Pillow's libjpeg decoder (``Image.frombytes`` with the
-``jpeg`` decoder and the draft scale), skipping ``Image.open``, which parses every marker segment in
-Python before decoding and then reads the file in chunks: the same decoder, arguments and bytes, so
-the same pixels (``tests/code/test_images.py`` compares them byte for byte), a fifth of the decoding
-time saved. Anything else (PNG, TIFF, grayscale or CMYK JPEGs, a file the shortcut cannot read,
-corrupt or truncated ones) goes through ``Image.open``, which also words the errors.
+Pixels: the whole frame (no crop: lesions are centred but not always small), resized to a square
+with Pillow's antialiased bilinear filter; a JPEG at least twice ``size`` is decoded at the reduced
+DCT scale Pillow's ``draft`` chooses, several times faster and, after that resize, visually the same.
+A colour JPEG skips ``Image.open``, which parses every marker segment in Python, and goes straight
+to the same libjpeg decoder with the same arguments: the same pixels (``tests/code/test_images.py``
+compares them byte for byte), a fifth of the decoding time saved. Anything else (PNG, TIFF,
+grayscale or CMYK JPEGs, corrupt ones) goes through ``Image.open``, which also words the errors.
 """
 
 from __future__ import annotations
@@ -39,18 +34,16 @@ def resized_pixels(source: str | Path | bytes, size: int) -> bytes:
     """An image file (or its bytes) decoded and resized to ``size`` x ``size``, as raw RGB bytes
     (row by row, ``size * size * 3``). Raises :class:`DataError` naming the file when it cannot be
     read or decoded."""
-    where = "image bytes" if isinstance(source, bytes) else str(source)
     if isinstance(source, bytes):
-        data = source
+        data, where = source, "image bytes"
     else:
+        where = str(source)
         try:
             with open(source, "rb", buffering=0) as handle:  # unbuffered: one copy, half the time
                 data = handle.readall()
         except OSError as exc:
             raise DataError(f"cannot open image {where}: {exc.strerror}") from exc
-    image = _jpeg_decoded(data, size)
-    if image is None:
-        image = _pillow_decoded(data, size, where)
+    image = _jpeg_decoded(data, size) or _pillow_decoded(data, size, where)
     return image.resize((size, size), Image.Resampling.BILINEAR).tobytes()
 
 

@@ -19,11 +19,8 @@ from tasks.shards import Executor, map_shards, require_executor
 
 
 def load_image(source: Path | bytes, size: int) -> np.ndarray:
-    """Decode an image file (or its bytes) to an RGB ``uint8`` array of shape (size, size, 3).
-
-    See ``tasks.decoding`` for how: the whole frame, antialiased bilinear resize, large JPEGs
-    decoded at a reduced DCT scale first.
-    """
+    """Decode an image file (or its bytes) to an RGB ``uint8`` array of shape (size, size, 3), as
+    ``tasks.decoding`` decodes it."""
     return np.frombuffer(resized_pixels(source, size), dtype=np.uint8).reshape(size, size, 3)
 
 
@@ -48,32 +45,24 @@ def _shards(paths: Sequence[str | Path], workers: int) -> list[tuple[int, list[s
 
 def _create_images_file(out: Path, n_images: int, size: int) -> int:
     """Create the ``.npy`` file ``out`` for ``n_images`` images (its data not yet written: a sparse
-    file) and return the offset of the data, where the workers write."""
-    created = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n_images, size, size, 3))
-    offset = created.offset
-    del created  # unmapped: the workers write through the file
-    return offset
+    file) and return the offset of the data, where the workers write (through the file: the map
+    is dropped at once)."""
+    return np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(n_images, size, size, 3)).offset
 
 
 def _decode_in_memory(
     paths: Sequence[str | Path], size: int, workers: int, executor: Executor, dask_address: str
 ) -> np.ndarray:
     """The decoded images as one array, the shards run by :func:`tasks.shards.map_shards`."""
-    images = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    shards = _shards(paths, workers)
-    if shards:
-        decode = partial(decode_shard, size=size)
-        blocks = map_shards(
-            decode,
-            [rows for _, rows in shards],
-            executor=executor,
-            workers=workers,
-            dask_address=dask_address,
-            desc="decode images",
-        )
-        for (start, _), block in zip(shards, blocks, strict=True):
-            images[start : start + len(block)] = block
-    return images
+    blocks = map_shards(
+        partial(decode_shard, size=size),
+        [rows for _, rows in _shards(paths, workers)],
+        executor=executor,
+        workers=workers,
+        dask_address=dask_address,
+        desc="decode images",
+    )
+    return np.concatenate([np.empty((0, size, size, 3), dtype=np.uint8), *blocks])
 
 
 def _decode_into_file(

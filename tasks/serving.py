@@ -1,14 +1,10 @@
 """Serving: the MLflow pyfunc that scores raw cases (image file + age, sex, site) to risk levels.
 
 The served model takes what a clinic has, not what the network eats: the image file's bytes
-(base64) and the clinical fields as recorded. Decoding, resizing, normalization and clinical
-encoding happen inside, with the same functions and the same fitted encoder as training, so a
-served prediction equals the pipeline's own for the same case.
-
-``score_cases`` is the whole scoring path as a plain function, callable without MLflow;
-``RiskModel`` only loads the artifacts and calls it. The cases are checked by the model's
-encoder (``ClinicalEncoder.problems``) and scored by ``tasks.scored_model.predict_risk``, the
-same check and predictor that batch triage, explain and the triage page use.
+(base64) and the clinical fields as recorded. ``score_cases`` is the whole scoring path as a plain
+function, callable without MLflow; ``RiskModel`` only loads the artifacts and calls it. Cases are
+decoded, checked and encoded (the encoder fitted in training) and scored (``predict_risk``) as in
+batch triage, explain and the triage page, so a served prediction equals the pipeline's own.
 """
 
 from __future__ import annotations
@@ -51,6 +47,7 @@ MODEL_ARTIFACT = "model"
 ENCODER_ARTIFACT = "encoder"
 PREPROCESS_ARTIFACT = "preprocess"
 OPERATING_POINT_ARTIFACT = "operating_point"
+ARTIFACTS = (MODEL_ARTIFACT, ENCODER_ARTIFACT, PREPROCESS_ARTIFACT, OPERATING_POINT_ARTIFACT)
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w/.+-]*;base64,", re.IGNORECASE)
 _HIGH = RISK_LEVELS.index("high")
@@ -59,10 +56,6 @@ _HIGH = RISK_LEVELS.index("high")
 def invalid_input(message: str) -> MlflowException:
     """The error for a bad request: the scoring server answers it with HTTP 400."""
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-# ---------------------------------------------------------------------------------------------
-# The served contract
 
 
 def risk_signature() -> ModelSignature:
@@ -96,18 +89,11 @@ def example_input(image_size: int) -> pd.DataFrame:
     size = max(16, int(image_size))
     image = Image.new("RGB", (size, size), (224, 172, 150))  # skin tone
     margin = size // 4
-    ImageDraw.Draw(image).ellipse(
-        (margin, margin, size - margin, size - margin), fill=(110, 70, 50)
-    )  # a brown lesion, centred
+    ImageDraw.Draw(image).ellipse((margin, margin, size - margin, size - margin), fill=(110, 70, 50))  # a brown lesion
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return pd.DataFrame(
-        {
-            "image": [image_to_base64(buffer.getvalue())],
-            "age": [45.0],
-            "sex": ["female"],
-            "localization": ["back"],
-        }
+        {"image": [image_to_base64(buffer.getvalue())], "age": [45.0], "sex": ["female"], "localization": ["back"]}
     )
 
 
@@ -147,14 +133,6 @@ def check_model_outputs(model, summary: PreprocessSummary, target: str) -> None:
             f"the model has {n_outputs} outputs but the operating point's target is {target!r}, "
             f"which needs {expected}: the model and operating_point.json come from different runs"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation and decoding of raw cases
-
-
-def _field(row: int, name: str) -> str:
-    return f"row {row}, field '{name}'"
 
 
 def _image_bytes(value: object) -> bytes:
@@ -217,9 +195,9 @@ def prepare_cases(frame: pd.DataFrame, encoder: ClinicalEncoder, image_size: int
         try:
             images[row] = _decode_image(image, image_size)
         except ValueError as exc:
-            problems.append(f"{_field(row, 'image')}: {exc}")
+            problems.append(f"row {row}, field 'image': {exc}")
         ages[row], wrong = encoder.problems(age, sex, site)
-        problems.extend(f"{_field(row, name)}: {problem}" for name, problem in wrong.items())
+        problems.extend(f"row {row}, field '{name}': {problem}" for name, problem in wrong.items())
         if not wrong:
             sexes[row], sites[row] = sex, site
 
@@ -231,20 +209,11 @@ def prepare_cases(frame: pd.DataFrame, encoder: ClinicalEncoder, image_size: int
             "order:\n  " + "\n  ".join(shown) + (f"\n  ... and {more} more" if more else "")
         )
 
-    clinical = encoder.transform(pd.DataFrame({"age": ages, "sex": sexes, "localization": sites}))
-    return images, clinical
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring
+    return images, encoder.transform(pd.DataFrame({"age": ages, "sex": sexes, "localization": sites}))
 
 
 def score_cases(
-    model,
-    encoder: ClinicalEncoder,
-    summary: PreprocessSummary,
-    operating_point: Mapping[str, Any],
-    frame: pd.DataFrame,
+    model, encoder: ClinicalEncoder, summary: PreprocessSummary, operating_point: Mapping[str, Any], frame: pd.DataFrame
 ) -> pd.DataFrame:
     """Raw cases -> ``p_low``, ``p_moderate``, ``p_high``, ``risk_level`` and ``refer``.
 
@@ -279,11 +248,7 @@ class RiskModel(mlflow.pyfunc.PythonModel):
         from tasks.model import load_model
 
         artifacts = context.artifacts
-        missing = [
-            key
-            for key in (MODEL_ARTIFACT, ENCODER_ARTIFACT, PREPROCESS_ARTIFACT, OPERATING_POINT_ARTIFACT)
-            if key not in artifacts
-        ]
+        missing = [key for key in ARTIFACTS if key not in artifacts]
         if missing:
             raise SkinriskError(f"the logged model lacks artifact(s) {missing}: register it again")
         self.summary = PreprocessSummary.read(Path(artifacts[PREPROCESS_ARTIFACT]))
@@ -296,9 +261,6 @@ class RiskModel(mlflow.pyfunc.PythonModel):
         """Score a table with columns image (base64), age, sex, localization; see score_cases."""
         return score_cases(self.model, self.encoder, self.summary, self.operating_point, model_input)
 
-
-# ---------------------------------------------------------------------------------------------
-# The scoring server
 
 # MLflow's scoring server wraps every error of a request in a repr of the request's table
 # ("Failed to predict data '<table>'. \nError: ..." and "Failed to enforce schema of data

@@ -6,6 +6,7 @@ reported with their reasons and do not stop the others.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -68,11 +69,9 @@ def _check_rows(
     checked = []
     for index, row in rows:
         try:
-            image, age = _check_row(row, Path(images_dir), image_size, encoder)
+            checked.append((index, *_check_row(row, Path(images_dir), image_size, encoder), None))
         except DataError as exc:
             checked.append((index, None, None, str(exc)))
-            continue
-        checked.append((index, image, age, None))
     return checked
 
 
@@ -98,8 +97,6 @@ def triage(
     ``dask_address``; see ``tasks.shards``); the queue is the same either way. The model scores
     the valid images here, in batches.
     """
-    import time
-
     from tasks.scored_model import predict_risk
 
     cases_csv, out_csv = Path(cases_csv), Path(out_csv)
@@ -121,18 +118,11 @@ def triage(
         raise SkinriskError(f"{cases_csv}: missing column(s) {missing}; a cases file has {list(REQUIRED_COLUMNS)}")
     if bundle.operating_point is None:
         raise SkinriskError("the model carries no triage threshold (models/operating_point.json): evaluate it first")
-    image_size = bundle.summary.image_size
 
     rows = [(index, row.to_dict()) for index, row in cases.iterrows()]
-    shards = [rows[s : s + shard_size] for s in range(0, len(rows), shard_size)]
     checked = map_shards(
-        partial(
-            _check_rows,
-            images_dir=str(images_dir),
-            image_size=image_size,
-            encoder=bundle.encoder,
-        ),
-        shards,
+        partial(_check_rows, images_dir=str(images_dir), image_size=bundle.summary.image_size, encoder=bundle.encoder),
+        [rows[s : s + shard_size] for s in range(0, len(rows), shard_size)],
         executor=executor,
         workers=workers,
         dask_address=dask_address,
@@ -155,14 +145,11 @@ def triage(
     else:
         probs = np.zeros((0, len(RISK_LEVELS)))
     seconds = time.perf_counter() - started
-    threshold = float(bundle.operating_point["threshold"])
     for i, level in enumerate(RISK_LEVELS):
         valid[f"p_{level}"] = probs[:, i].round(4)
-    valid["risk_level"] = [RISK_LEVELS[i] for i in bundle.called_levels(probs)] if len(valid) else []
-    valid["refer"] = valid["p_high"] >= threshold if len(valid) else []
-    valid["action"] = [
-        action_for(level, refer) for level, refer in zip(valid["risk_level"], valid["refer"], strict=True)
-    ]
+    valid["risk_level"] = [RISK_LEVELS[i] for i in bundle.called_levels(probs)]
+    valid["refer"] = valid["p_high"] >= float(bundle.operating_point["threshold"])
+    valid["action"] = list(map(action_for, valid["risk_level"], valid["refer"]))
     queue = valid.sort_values(["p_high", "p_moderate"], ascending=False, kind="stable")
     queue.insert(0, "rank", range(1, len(queue) + 1))
     with atomic_path(out_csv) as tmp:
@@ -178,7 +165,7 @@ def triage(
         n_cases=len(cases),
         n_scored=len(queue),
         n_invalid=len(problems),
-        n_referred=int(queue["refer"].sum()) if len(queue) else 0,
+        n_referred=int(queue["refer"].sum()),
         queue_path=str(out_csv),
         invalid_path=str(invalid_path) if invalid_path else None,
         seconds_scoring=round(seconds, 3),
