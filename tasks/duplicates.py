@@ -43,16 +43,11 @@ def view_hashes(images: np.ndarray) -> np.ndarray:
     side = HASH_SIZE * 4  # imagehash's highfreq_factor
     hashes = np.zeros((len(images), 8, HASH_SIZE * HASH_SIZE // 64), dtype=np.uint64)
     for start in range(0, len(images), 512):
-        grey = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(np.asarray(image)).convert("L").resize((side, side), Image.Resampling.LANCZOS)
-                )
-                for image in images[start : start + 512]
-            ]
-        ).astype(np.float64)
+        chunk = (Image.fromarray(np.asarray(image)).convert("L") for image in images[start : start + 512])
+        grey = np.stack([np.asarray(g.resize((side, side), Image.Resampling.LANCZOS), np.float64) for g in chunk])
         low = dct(dct(grey, axis=-2), axis=-1)[..., :HASH_SIZE, :HASH_SIZE]
-        views = np.stack([view for turn in range(4) for view in _mirrors(_rot90(low, turn))], axis=1)
+        turned = [_rot90(low, turn) for turn in range(4)]
+        views = np.stack([view for t in turned for view in (t, _flip(t, -1))], axis=1)
         bits = views > np.median(views, axis=(-2, -1), keepdims=True)
         packed = np.packbits(bits.reshape(*bits.shape[:2], -1), axis=-1)
         hashes[start : start + len(grey)] = packed.view(">u8").astype(np.uint64)
@@ -76,10 +71,6 @@ def _rot90(coefficients: np.ndarray, turn: int) -> np.ndarray:
     if turn == 2:  # flip(flip(m, axes[0]), axes[1])
         return _flip(_flip(coefficients, -2), -1)
     return _flip(coefficients.swapaxes(-2, -1), -1)  # turn 3: flip(transpose(m), axes[1])
-
-
-def _mirrors(turned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return turned, _flip(turned, -1)
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_distance: int) -> list[tuple[int, int, int]]:

@@ -21,7 +21,7 @@ import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -65,12 +65,7 @@ class ImportSummary:
     synthetic: bool = False  # made by `skinrisk data synth`, not real dermoscopy
 
 
-@dataclass(frozen=True)
-class _ImageEntry:
-    """One image found in the source: where it is and how to read its bytes."""
-
-    location: str
-    read: Callable[[], bytes]
+_ImageEntry = tuple[str, Callable[[], bytes]]  # an image in the source: where it is, how to read its bytes
 
 
 def _walk_images(root: Path) -> Iterator[tuple[str, _ImageEntry]]:
@@ -81,7 +76,7 @@ def _walk_images(root: Path) -> Iterator[tuple[str, _ImageEntry]]:
             path = Path(dirpath) / name
             suffix = path.suffix.lower()
             if suffix in IMAGE_SUFFIXES:
-                yield path.stem, _ImageEntry(str(path), path.read_bytes)
+                yield path.stem, (str(path), path.read_bytes)
             elif suffix == ".zip":
                 yield from _walk_zip(path)
 
@@ -106,7 +101,7 @@ def _walk_zip(archive_path: Path) -> Iterator[tuple[str, _ImageEntry]]:
                         f"download {archive_path.name} again"
                     ) from exc
 
-            yield member_path.stem, _ImageEntry(f"{archive_path}!{member.filename}", read)
+            yield member_path.stem, (f"{archive_path}!{member.filename}", read)
 
 
 def _find_metadata(root: Path) -> Path:
@@ -116,7 +111,7 @@ def _find_metadata(root: Path) -> Path:
         if p.is_file() and p.suffix.lower() in _METADATA_SUFFIXES and "__MACOSX" not in p.parts
     )
     named = [p for p in candidates if "metadata" in p.name.lower()]
-    if len(named) >= 1:
+    if named:
         # Prefer the shallowest, canonically named table (Kaggle ships hmnist_*.csv beside it).
         return min(named, key=lambda p: (len(p.relative_to(root).parts), p.name != "HAM10000_metadata.csv"))
     if len(candidates) == 1:
@@ -132,7 +127,7 @@ def _find_metadata(root: Path) -> Path:
     )
 
 
-def _describe_layout(root: Path, metadata_path: Path) -> str:
+def _describe_layout(root: Path) -> str:
     names = {p.name.lower() for p in root.rglob("*")}
     if "ham10000_images_part_1.zip" in names:
         return "dataverse"
@@ -219,8 +214,8 @@ def import_dataset(source: Path, raw_dir: Path, *, force: bool = False, progress
         with atomic_directory(raw_dir) as staging:
             (staging / RAW_IMAGES_DIR).mkdir()
             for image_id in tqdm(dict.fromkeys(table["image_id"]), desc="import", unit="img", disable=not progress):
-                entry = found[image_id]
-                data, was_converted = _jpeg_bytes(entry.read(), entry.location)
+                location, read = found[image_id]
+                data, was_converted = _jpeg_bytes(read(), location)
                 converted += was_converted
                 raw_image_path(staging, image_id).write_bytes(data)
             metadata = table[list(METADATA_COLUMNS)]
@@ -230,7 +225,7 @@ def import_dataset(source: Path, raw_dir: Path, *, force: bool = False, progress
             summary = ImportSummary(
                 source=str(source.resolve()),
                 raw_dir=str(raw_dir),
-                layout=_describe_layout(root, metadata_path),
+                layout=_describe_layout(root),
                 n_images=len(metadata),
                 n_lesions=int(metadata["lesion_id"].nunique()),
                 dx_counts=dict(Counter(metadata["dx"]).most_common()),
@@ -240,13 +235,8 @@ def import_dataset(source: Path, raw_dir: Path, *, force: bool = False, progress
                 synthetic=any(root.rglob(SYNTHETIC_MARKER)),
                 metadata_sha256=hashlib.sha256((staging / RAW_METADATA_FILE).read_bytes()).hexdigest(),
             )
-            write_json(
-                staging / RAW_SOURCE_FILE,
-                {
-                    **summary.__dict__,
-                    "imported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                },
-            )
+            imported_at = datetime.now(UTC).isoformat(timespec="seconds")
+            write_json(staging / RAW_SOURCE_FILE, {**asdict(summary), "imported_at": imported_at})
     return summary
 
 

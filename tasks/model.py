@@ -6,6 +6,7 @@ The backbone is built on the outer model's image input (``input_tensor=``), so i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import weakref
 from pathlib import Path
@@ -34,8 +35,6 @@ BUNDLED_ALPHA = 1.0
 
 def bundled_weights() -> Path:
     """The bundled weights file, verified against its sha256; a clear error if missing or altered."""
-    import hashlib
-
     path = BUNDLED_WEIGHTS
     fix = "restore it from the repository (`git checkout -- tasks/weights`) or reinstall skinrisk"
     if not path.is_file():
@@ -60,54 +59,40 @@ def imagenet_weights_file(alpha: float, image_size: int) -> Path:
 
 
 def _backbone(image_input, params: TrainParams, image_size: int) -> keras.Model:
-    weights = params.weights
-    # input_shape alongside input_tensor, or Keras assumes 224 x 224 for the weights file name.
-    shape = (image_size, image_size, 3)
+    """MobileNetV2 on ``image_input`` with ``train.weights``: ImageNet's (bundled, Keras' cache or its
+    download), a weights file's, or random ones."""
+    weights: str | None = params.weights
     if weights == "none":
-        return keras.applications.MobileNetV2(
-            input_tensor=image_input,
-            input_shape=shape,
-            include_top=False,
-            weights=None,
-            alpha=params.alpha,
-        )
-    if weights == "imagenet" and params.alpha == BUNDLED_ALPHA:
-        return _load_backbone_weights(image_input, shape, params.alpha, bundled_weights())
-    if weights == "imagenet":  # other widths: Keras' cache, or its download
+        weights = None
+    elif weights == "imagenet" and params.alpha == BUNDLED_ALPHA:
+        weights = str(bundled_weights())
+    elif weights == "imagenet":  # other widths: Keras' cache, or its download
         cached = imagenet_weights_file(params.alpha, image_size)
         if cached.exists():  # read KERAS_HOME now: Keras itself reads it only once, at import
-            return _load_backbone_weights(image_input, shape, params.alpha, cached)
-        try:
-            return keras.applications.MobileNetV2(
-                input_tensor=image_input,
-                input_shape=shape,
-                include_top=False,
-                weights="imagenet",
-                alpha=params.alpha,
-            )
-        except Exception as exc:  # offline download failures surface as many exception types
-            raise SkinriskError(
-                f"MobileNetV2 ImageNet weights (alpha {params.alpha}) could not be loaded: {exc}. "
-                f"Keras looks for {cached}; put the file there, point KERAS_HOME at a folder whose "
-                "models/ holds it (on the team machines: KERAS_HOME=../shared/weights/keras), "
-                "give train.weights a weights file path, or set train.weights=none to train from "
-                "random weights on purpose."
-            ) from exc
-    path = Path(weights)
-    if not path.exists():
+            weights = str(cached)
+    elif not Path(weights).exists():
         raise SkinriskError(f"train.weights={weights!r}: no such file; use 'imagenet', 'none' or a weights file path")
-    return _load_backbone_weights(image_input, shape, params.alpha, path)
-
-
-def _load_backbone_weights(image_input, shape: tuple[int, int, int], alpha: float, path: Path) -> keras.Model:
-    backbone = keras.applications.MobileNetV2(
-        input_tensor=image_input, input_shape=shape, include_top=False, weights=None, alpha=alpha
-    )
     try:
-        backbone.load_weights(str(path))
-    except Exception as exc:
-        raise SkinriskError(f"cannot load backbone weights from {path}: {exc}") from exc
-    return backbone
+        # input_shape alongside input_tensor, or Keras assumes 224 x 224 for the weights file name.
+        return keras.applications.MobileNetV2(
+            input_tensor=image_input,
+            input_shape=(image_size, image_size, 3),
+            include_top=False,
+            weights=weights,
+            alpha=params.alpha,
+        )
+    except Exception as exc:  # a failed download or an unreadable file: Keras and h5py raise many types
+        if weights is None:
+            raise
+        if weights != "imagenet":
+            raise SkinriskError(f"cannot load backbone weights from {weights}: {exc}") from exc
+        raise SkinriskError(
+            f"MobileNetV2 ImageNet weights (alpha {params.alpha}) could not be loaded: {exc}. "
+            f"Keras looks for {cached}; put the file there, point KERAS_HOME at a folder whose "
+            "models/ holds it (on the team machines: KERAS_HOME=../shared/weights/keras), "
+            "give train.weights a weights file path, or set train.weights=none to train from "
+            "random weights on purpose."
+        ) from exc
 
 
 def build_model(
@@ -195,22 +180,15 @@ def calibrated_single_view(model: keras.Model) -> keras.Model:
 
     Built once per loaded model, so the explainers' traced functions are reused across cases.
     """
-    if model in _CALIBRATED_VIEWS:
-        return _CALIBRATED_VIEWS[model]
-    calibrated = _calibrated_single_view(model)
-    if calibrated is not model:  # a value holding its key would keep it alive
-        _CALIBRATED_VIEWS[model] = calibrated
-    return calibrated
-
-
-def _calibrated_single_view(model: keras.Model) -> keras.Model:
-    base = single_view(model)
     temperature = scoring_settings(model)["temperature"]
-    if temperature == 1.0:
-        return base
-    head = head_of(base)
-    calibrated = Temperature(temperature, name="temperature")(head.output)
-    return _with_head(base, keras.Model(head.inputs, calibrated, name="fusion_head"))
+    if temperature == 1.0:  # nothing to build (and a cached base could keep its key alive)
+        return single_view(model)
+    if model not in _CALIBRATED_VIEWS:
+        base = single_view(model)
+        head = head_of(base)
+        calibrated = Temperature(temperature, name="temperature")(head.output)
+        _CALIBRATED_VIEWS[model] = _with_head(base, keras.Model(head.inputs, calibrated, name="fusion_head"))
+    return _CALIBRATED_VIEWS[model]
 
 
 def single_view(model: keras.Model) -> keras.Model:
@@ -232,16 +210,11 @@ def set_finetune(model: keras.Model, from_block: int) -> int:
     BatchNormalization layers stay frozen (inference statistics), as is usual when fine-tuning
     with small batches.
     """
-    trainable = 0
-    started = False
+    trainable, started = 0, False
     for layer in model.layers:
-        if layer.name == "fusion_head":
-            continue
-        if layer.name.startswith(f"block_{from_block}_"):
-            started = True
-        is_backbone = layer.name.startswith(("block_", "Conv", "expanded_conv", "bn_Conv", "out_relu"))
-        if not is_backbone:
-            continue
+        started = started or layer.name.startswith(f"block_{from_block}_")
+        if not layer.name.startswith(("block_", "Conv", "expanded_conv", "bn_Conv", "out_relu")):
+            continue  # not the backbone's (the inputs, the pooling, the fusion head)
         layer.trainable = started and not isinstance(layer, layers.BatchNormalization)
         trainable += int(layer.trainable and bool(layer.weights))
     return trainable
@@ -353,13 +326,9 @@ def _views_of(base: keras.Model, views: str):
     test-time view of them, stacked on the batch axis (V * B, K)."""
     image = keras.Input(base.inputs[0].shape[1:], name="image")
     clinical = keras.Input(base.inputs[1].shape[1:], name="clinical")
-    probs = base(
-        [
-            TestTimeViews(views, name="test_time_views")(image),
-            RepeatViews(TTA_VIEWS[views], name="repeat_views")(clinical),
-        ]
-    )
-    return image, clinical, probs
+    image_views = TestTimeViews(views, name="test_time_views")(image)
+    clinical_views = RepeatViews(TTA_VIEWS[views], name="repeat_views")(clinical)
+    return image, clinical, base([image_views, clinical_views])
 
 
 def stacked_view_model(base: keras.Model, views: str) -> keras.Model:

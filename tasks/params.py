@@ -9,14 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ParamsError
 from tasks.schema import risk_level_of
@@ -147,7 +140,7 @@ class TrainParams(_Section):
     @field_validator("weights")
     @classmethod
     def _check_weights(cls, value: str) -> str:
-        if value not in ("imagenet", "none") and not value.strip():
+        if not value.strip():
             raise ValueError("weights must be 'imagenet', 'none' or a path to a weights file")
         return value
 
@@ -247,21 +240,17 @@ class Params(_Section):
     explain: ExplainParams = ExplainParams()
     monitor: MonitorParams = MonitorParams()
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)  # merged with _Section's
 
     def flat(self) -> dict[str, Any]:
-        """``section.key`` -> value, as logged to MLflow."""
-        flat: dict[str, Any] = {}
+        """``section.key`` -> value, as logged to MLflow (``risk_map`` stays one value)."""
 
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict) and value and not prefix.endswith("risk_map"):
-                for key, sub in value.items():
-                    walk(f"{prefix}.{key}" if prefix else key, sub)
-            else:
-                flat[prefix] = value
+        def walk(prefix: str, value: Any) -> dict[str, Any]:
+            if isinstance(value, dict) and not prefix.endswith(".risk_map"):
+                return {k: v for key, sub in value.items() for k, v in walk(f"{prefix}.{key}".lstrip("."), sub).items()}
+            return {prefix: value}
 
-        walk("", self.model_dump(by_alias=True, mode="json"))
-        return flat
+        return walk("", self.model_dump(by_alias=True, mode="json"))
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -278,10 +267,15 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return keys, value
 
 
+def _fields(model: type[BaseModel]) -> dict[str, Any]:
+    """A section's fields by their ``params.yaml`` names (``validate``, not ``validate_``)."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
 def _check_known_key(keys: list[str], item: str) -> None:
     model: type[BaseModel] = Params
     for depth, key in enumerate(keys):
-        fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+        fields = _fields(model)
         if key not in fields:
             where = ".".join(keys[:depth]) or "params"
             raise ParamsError(
@@ -299,13 +293,10 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         loc = ".".join(str(part) for part in error["loc"])
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            parent = error["loc"][:-1]
-            model: type[BaseModel] = Params
-            for part in parent:
-                fields = {(f.alias or n): f for n, f in model.model_fields.items()}
-                model = fields[str(part)].annotation  # type: ignore[assignment]
-            accepted = sorted((f.alias or n) for n, f in model.model_fields.items())
-            message = f"unknown key; accepted keys here: {accepted}"
+            model: Any = Params
+            for part in error["loc"][:-1]:
+                model = _fields(model)[str(part)].annotation
+            message = f"unknown key; accepted keys here: {sorted(_fields(model))}"
         lines.append(f"  {loc}: {message} (got {error.get('input')!r})")
     return "\n".join(lines)
 

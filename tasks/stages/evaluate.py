@@ -6,7 +6,6 @@ logged from that same dict to MLflow.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.atomic import write_json, write_text
+from tasks.atomic import atomic_path, write_json, write_text
 from tasks.dataset import SplitArrays, load_split
 from tasks.errors import SkinriskError
 from tasks.metrics import headline_figures
@@ -44,9 +43,31 @@ def _split_cases(processed_dir: Path, split: SplitArrays) -> pd.DataFrame:
     return cases.set_index("image_id").loc[list(map(str, split.image_id))].reset_index()
 
 
-def _lesion_groups(cases: pd.DataFrame) -> np.ndarray:
-    """What the bootstrap resamples: lesions, joined by near-duplicate images (``split_group``)."""
-    return cases["split_group" if "split_group" in cases else "lesion_id"].astype(str).to_numpy()
+def _figures(
+    bundle: Bundle,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    groups: np.ndarray,
+    threshold: float | None,
+    operating_points: dict[str, float] | None,
+    params: EvaluateParams,
+) -> dict:
+    """:func:`tasks.metrics.classification_figures` with the evaluate stage's settings."""
+    from tasks.metrics import classification_figures
+
+    return classification_figures(
+        y_true,
+        probs,
+        list(RISK_LEVELS),
+        groups=groups,
+        threshold=threshold,
+        operating_points=operating_points,
+        high_index=HIGH,
+        n_resamples=params.bootstrap_resamples,
+        seed=params.seed,
+        prior=bundle.prior,
+        calibration_bins=params.calibration_bins,
+    )
 
 
 def subgroup_report(cases: pd.DataFrame, y, probs, called, groups, threshold: float, params: EvaluateParams) -> dict:
@@ -70,29 +91,22 @@ def subgroup_report(cases: pd.DataFrame, y, probs, called, groups, threshold: fl
 def _write_plots(
     metrics: dict,
     y_true: np.ndarray,
-    risk_probs: np.ndarray,
+    probs: np.ndarray,
+    uncalibrated_probs: np.ndarray | None,
     reports_dir: Path,
     params: EvaluateParams,
-    history_path: Path | None,
-    uncalibrated_probs: np.ndarray | None = None,
 ) -> None:
     from tasks.metrics import reliability_curve
     from tasks.plots import plot_confusion_matrix, plot_reliability, plot_training_curves
 
     plot_confusion_matrix(
-        np.array(metrics["confusion_matrix"]),
-        list(RISK_LEVELS),
-        reports_dir / "confusion_matrix.png",
+        np.array(metrics["confusion_matrix"]), list(RISK_LEVELS), reports_dir / "confusion_matrix.png"
     )
-    plot_reliability(
-        reliability_curve(y_true, risk_probs, params.calibration_bins),
-        reports_dir / "reliability.png",
-        before=None
-        if uncalibrated_probs is None
-        else reliability_curve(y_true, uncalibrated_probs, params.calibration_bins),
-    )
-    if history_path is not None and history_path.exists():
-        plot_training_curves(pd.read_csv(history_path), reports_dir / "training_curves.png")
+    bins = params.calibration_bins
+    before = None if uncalibrated_probs is None else reliability_curve(y_true, uncalibrated_probs, bins)
+    plot_reliability(reliability_curve(y_true, probs, bins), reports_dir / "reliability.png", before=before)
+    if (history := reports_dir / "training_history.csv").exists():
+        plot_training_curves(pd.read_csv(history), reports_dir / "training_curves.png")
 
 
 def _uncalibrated(bundle: Bundle) -> Bundle | None:
@@ -182,21 +196,18 @@ def evaluate(
     """Score the test split, choose the triage threshold on val, write and log every figure."""
     from sklearn.metrics import classification_report, log_loss
 
-    from tasks.metrics import choose_threshold, classification_figures, expected_calibration_error, operating_point_name
+    from tasks.metrics import choose_threshold, expected_calibration_error, operating_point_name
     from tasks.model import scoring_settings
 
     processed_dir, reports_dir, model_dir = Path(processed_dir), Path(reports_dir), Path(model_dir)
     bundle = bundle_from_files(Path(model_path), processed_dir)
     val, test = load_split(processed_dir, "val"), load_split(processed_dir, "test")
     val_probs = predict_risk(bundle, val.images, val.clinical)
-    if not (val.risk == HIGH).any():
+    is_high, p_high = val.risk == HIGH, val_probs[:, HIGH]  # calibrated P(high), as every consumer sees it
+    if not is_high.any():
         raise SkinriskError("the validation split has no high-risk lesion: cannot choose a triage threshold")
-    # Thresholds on calibrated P(high), the probability every consumer of the model sees.
-    threshold = choose_threshold(val.risk == HIGH, val_probs[:, HIGH], params.target_recall)
-    thresholds = {
-        operating_point_name(recall): choose_threshold(val.risk == HIGH, val_probs[:, HIGH], recall)
-        for recall in params.operating_recalls
-    }
+    threshold = choose_threshold(is_high, p_high, params.target_recall)
+    thresholds = {operating_point_name(r): choose_threshold(is_high, p_high, r) for r in params.operating_recalls}
     operating_point = {
         "target": bundle.target,
         "threshold": float(threshold),
@@ -206,20 +217,9 @@ def evaluate(
 
     test_probs = predict_risk(bundle, test.images, test.clinical)
     test_cases = _split_cases(processed_dir, test)
-    groups = _lesion_groups(test_cases)
-    metrics = classification_figures(
-        test.risk,
-        test_probs,
-        list(RISK_LEVELS),
-        groups=groups,
-        threshold=threshold,
-        operating_points=thresholds,
-        high_index=HIGH,
-        n_resamples=params.bootstrap_resamples,
-        seed=params.seed,
-        prior=bundle.prior,
-        calibration_bins=params.calibration_bins,
-    )
+    # what the bootstrap resamples: lesions, joined by near-duplicate images (split_group)
+    groups = test_cases["split_group" if "split_group" in test_cases else "lesion_id"].astype(str).to_numpy()
+    metrics = _figures(bundle, test.risk, test_probs, groups, threshold, thresholds, params)
     uncalibrated = _uncalibrated(bundle)
     raw_probs = None
     if uncalibrated is not None:
@@ -256,10 +256,9 @@ def evaluate(
             **{column: test_cases[column].to_numpy() for column in SLICE_COLUMNS if column in test_cases},
         }
     )
-    with tempfile.NamedTemporaryFile("w", dir=reports_dir, suffix=".tmp", delete=False) as handle:
-        predictions.to_csv(handle, index=False)
-    os.replace(handle.name, reports_dir / PREDICTIONS_FILE)
-    _write_plots(metrics, test.risk, test_probs, reports_dir, params, reports_dir / "training_history.csv", raw_probs)
+    with atomic_path(reports_dir / PREDICTIONS_FILE) as tmp:
+        predictions.to_csv(tmp, index=False)
+    _write_plots(metrics, test.risk, test_probs, raw_probs, reports_dir, params)
     _write_subgroups(metrics["subgroups"], reports_dir)
     write_json(model_dir / OPERATING_POINT_FILE, operating_point)
 
@@ -319,7 +318,6 @@ def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: Eval
     """
     from tasks.clinical import clinical_frame
     from tasks.ingest import import_dataset, read_raw_metadata
-    from tasks.metrics import classification_figures
     from tasks.schema import RAW_METADATA_FILE, raw_image_path
 
     with tempfile.TemporaryDirectory(prefix="skinrisk-external-") as scratch:
@@ -330,20 +328,10 @@ def evaluate_external(bundle: Bundle, source: Path, out_file: Path, params: Eval
             frame = frame.loc[frame["age"].notna()].reset_index(drop=True)
         probs = score_images(bundle, frame, [raw_image_path(raw_dir, i) for i in frame["image_id"]])
     y_true = risk_labels(bundle, frame["dx"])
-    threshold = (bundle.operating_point or {}).get("threshold")
-    metrics = classification_figures(
-        y_true,
-        probs,
-        list(RISK_LEVELS),
-        groups=frame["lesion_id"].to_numpy(),
-        threshold=threshold,
-        operating_points=(bundle.operating_point or {}).get("thresholds"),
-        high_index=HIGH,
-        n_resamples=params.bootstrap_resamples,
-        seed=params.seed,
-        prior=bundle.prior,
-        calibration_bins=params.calibration_bins,
-    )
+    operating_point = bundle.operating_point or {}
+    threshold = operating_point.get("threshold")
+    lesions = frame["lesion_id"].to_numpy()
+    metrics = _figures(bundle, y_true, probs, lesions, threshold, operating_point.get("thresholds"), params)
     if threshold is not None:
         groups = frame["lesion_id"].astype(str).to_numpy()
         called = bundle.called_levels(probs)

@@ -42,11 +42,6 @@ from tasks.schema import (
 )
 
 
-def assign_risk_levels(frame: pd.DataFrame, params: PreprocessParams) -> pd.DataFrame:
-    """Add ``risk_level`` from the diagnosis through ``params.risk_map``."""
-    return frame.assign(risk_level=frame["dx"].map(params.level_of()))
-
-
 def first_group_fold(strata: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
     """Mask of the rows in the first fold of scikit-learn's ``StratifiedGroupKFold(n_splits,
     shuffle=True, random_state=seed)``: the same greedy assignment, the same folds.
@@ -135,9 +130,8 @@ def preprocess(
 ) -> PreprocessSummary:
     """Run the preprocess stage from ``raw_dir`` into ``processed_dir`` (see module docstring).
 
-    The images are decoded by worker processes while the splits and the clinical encoding are
-    computed here; then this thread decodes too (see :class:`ImageDecoding`): the stage takes
-    little longer than the decoding.
+    Worker processes and this thread decode the images together (:class:`ImageDecoding`) before
+    the split: the duplicate search needs every image's pixels.
     """
     raw_dir, processed_dir = Path(raw_dir), Path(processed_dir)
     source = raw_dir / RAW_METADATA_FILE
@@ -155,21 +149,17 @@ def preprocess(
             dask_address=params.dask_address,
         ) as decoding,
     ):
-        frame = assign_risk_levels(clinical_frame(raw, source), params)
+        frame = clinical_frame(raw, source)
+        frame["risk_level"] = frame["dx"].map(params.level_of())
         n_before = len(frame)
         if params.missing_clinical == "drop":
             frame = frame.loc[frame["age"].notna()]
         frame = frame.reset_index(drop=True)
         n_dropped = n_before - len(frame)
         decoding.start(raw_image_paths(raw_dir, frame["image_id"]))
-        # The duplicate search needs every image's pixels before the split: this thread decodes too
         seconds_decoding = decoding.finish()
-        duplicates = split_groups(
-            frame["lesion_id"],
-            frame["image_id"],
-            np.load(staging / IMAGES_FILE, mmap_mode="r"),
-            params.duplicate_max_distance,
-        )
+        images = np.load(staging / IMAGES_FILE, mmap_mode="r")
+        duplicates = split_groups(frame["lesion_id"], frame["image_id"], images, params.duplicate_max_distance)
         frame["split_group"] = duplicates.groups
         frame["split"] = split_by_lesion(frame, params)
         encoder = ClinicalEncoder.fit(frame.loc[frame["split"] == "train"], params.missing_clinical)
@@ -188,18 +178,13 @@ def preprocess(
             )
         frame.to_csv(staging / CASES_FILE, index=False)
         encoder.save(staging / ENCODER_FILE)
-        counts = {
-            split: {
-                level: int(((frame["split"] == split) & (frame["risk_level"] == level)).sum()) for level in RISK_LEVELS
-            }
-            for split in SPLITS
-        }
-        lesions = {split: int(frame.loc[frame["split"] == split, "lesion_id"].nunique()) for split in SPLITS}
+        counts = pd.crosstab(frame["split"], frame["risk_level"]).reindex(SPLITS, columns=RISK_LEVELS, fill_value=0)
+        lesions = frame.groupby("split")["lesion_id"].nunique().reindex(SPLITS, fill_value=0)
         summary = PreprocessSummary(
             image_size=params.image_size,
             risk_map=params.risk_map,
-            counts=counts,
-            lesions=lesions,
+            counts=counts.to_dict("index"),
+            lesions=lesions.to_dict(),
             n_images=len(frame),
             n_dropped=n_dropped,
             missing_clinical=params.missing_clinical,

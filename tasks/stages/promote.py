@@ -46,39 +46,25 @@ def decide(challenger: dict, champion: dict | None, params: PromoteParams) -> tu
 
     Each reason says what was measured against what bound; the decision passes only if all do.
     """
-    checks: list[tuple[bool, str]] = []
-    ba, recall, ece = challenger["balanced_accuracy"], challenger["high_risk_recall"], challenger["ece"]
-    auc = challenger["high_risk_roc_auc"]
-    checks.append(
-        (auc >= params.min_high_risk_auc, f"high-risk ROC-AUC {auc:.3f} vs floor {params.min_high_risk_auc:.3f}")
-    )
-    checks.append(
-        (ba >= params.min_balanced_accuracy, f"balanced accuracy {ba:.3f} vs floor {params.min_balanced_accuracy:.3f}")
-    )
-    checks.append(
+    auc, ba = challenger["high_risk_roc_auc"], challenger["balanced_accuracy"]
+    recall, ece = challenger["high_risk_recall"], challenger["ece"]
+    checks = [
+        (auc >= params.min_high_risk_auc, f"high-risk ROC-AUC {auc:.3f} vs floor {params.min_high_risk_auc:.3f}"),
+        (ba >= params.min_balanced_accuracy, f"balanced accuracy {ba:.3f} vs floor {params.min_balanced_accuracy:.3f}"),
         (
             recall >= params.min_high_risk_recall,
             f"high-risk recall at the operating point {recall:.3f} vs floor {params.min_high_risk_recall:.3f}",
-        )
-    )
-    checks.append((ece <= params.max_ece, f"calibration error {ece:.3f} vs bound {params.max_ece:.3f}"))
-    if champion is not None:
-        auc_floor = champion["high_risk_roc_auc"] - params.max_high_risk_auc_drop
-        checks.append(
-            (
-                auc >= auc_floor,
-                f"high-risk ROC-AUC {auc:.3f} vs champion {champion['high_risk_roc_auc']:.3f} "
-                f"minus tolerance {params.max_high_risk_auc_drop:.3f}",
-            )
-        )
-        floor = champion["balanced_accuracy"] - params.max_balanced_accuracy_drop
-        checks.append(
-            (
-                ba >= floor,
-                f"balanced accuracy {ba:.3f} vs champion {champion['balanced_accuracy']:.3f} "
-                f"minus tolerance {params.max_balanced_accuracy_drop:.3f}",
-            )
-        )
+        ),
+        (ece <= params.max_ece, f"calibration error {ece:.3f} vs bound {params.max_ece:.3f}"),
+    ]
+    if champion is not None:  # no worse than the champion, within a tolerance
+        for key, label, tolerance in (
+            ("high_risk_roc_auc", "high-risk ROC-AUC", params.max_high_risk_auc_drop),
+            ("balanced_accuracy", "balanced accuracy", params.max_balanced_accuracy_drop),
+        ):
+            value, theirs = challenger[key], champion[key]
+            text = f"{label} {value:.3f} vs champion {theirs:.3f} minus tolerance {tolerance:.3f}"
+            checks.append((value >= theirs - tolerance, text))
     reasons = [f"{'pass' if ok else 'FAIL'}: {text}" for ok, text in checks]
     return all(ok for ok, _ in checks), reasons
 
@@ -159,24 +145,12 @@ def promote(
             False, challenger, champion, ["the challenger already is the champion"], {}, None, len(cases)
         )
 
-    challenger_figures = model_figures(
-        load_bundle(f"models:/{name}/{challenger}", processed_dir, Path()),
-        cases,
-        paths,
-        params,
-        calibration_bins=calibration_bins,
-    )
-    champion_figures = (
-        model_figures(
-            load_bundle(f"models:/{name}/{champion}", processed_dir, Path()),
-            cases,
-            paths,
-            params,
-            calibration_bins=calibration_bins,
-        )
-        if champion
-        else None
-    )
+    def figures(version: str) -> dict:
+        bundle = load_bundle(f"models:/{name}/{version}", processed_dir, Path())
+        return model_figures(bundle, cases, paths, params, calibration_bins=calibration_bins)
+
+    challenger_figures = figures(challenger)
+    champion_figures = figures(champion) if champion else None
     promoted, reasons = decide(challenger_figures, champion_figures, params)
     decision = PromotionDecision(
         promoted, challenger, champion, reasons, challenger_figures, champion_figures, len(cases)
@@ -227,6 +201,9 @@ def rollback(*, name: str = MODEL_NAME) -> tuple[str, str]:
     return current or "none", previous
 
 
+_TAG_COLUMNS = ("high_risk_roc_auc", "balanced_accuracy", "high_risk_recall", "ece", "data_version")
+
+
 def registry_table(*, name: str = MODEL_NAME) -> pd.DataFrame:
     """Every version with its aliases, run, headline figures and last promotion decision."""
     registry = client()
@@ -245,11 +222,7 @@ def registry_table(*, name: str = MODEL_NAME) -> pd.DataFrame:
                 "version": int(version.version),
                 "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
                 "created": datetime.fromtimestamp(version.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
-                "high_risk_roc_auc": tags.get("high_risk_roc_auc", ""),
-                "balanced_accuracy": tags.get("balanced_accuracy", ""),
-                "high_risk_recall": tags.get("high_risk_recall", ""),
-                "ece": tags.get("ece", ""),
-                "data_version": tags.get("data_version", ""),
+                **{key: tags.get(key, "") for key in _TAG_COLUMNS},
                 "decision": tags.get("promotion.decision", ""),
                 "run_id": version.run_id,
             }
